@@ -1,0 +1,1 @@
+"""The append-only event log: appending (recorder), reading (reader) and quarantine."""

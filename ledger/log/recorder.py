@@ -127,7 +127,7 @@ async def append(
         async with conn.transaction():
             seqs = await _insert_locked(conn, events) if events else []
             await insert_quarantine(conn, rejected)
-            _finish(conn, result, len(events), seqs, len(rejected))
+            _finish(result, len(events), seqs, len(rejected))
             if seqs:
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(result.last_seq))
         return result
@@ -149,13 +149,13 @@ async def append(
                     Rejected(source, event.routing_key, f"refused by PostgreSQL: {exc}", event.payload_json.encode())
                 )
         await insert_quarantine(conn, rejected)
-        _finish(conn, result, good, seqs, len(rejected))
+        _finish(result, good, seqs, len(rejected))
         if seqs:
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(result.last_seq))
     return result
 
 
-def _finish(conn: asyncpg.Connection, result: AppendResult, attempted: int, seqs: list[int], quarantined: int) -> None:
+def _finish(result: AppendResult, attempted: int, seqs: list[int], quarantined: int) -> None:
     result.inserted = len(seqs)
     result.duplicates = attempted - len(seqs)
     result.quarantined = quarantined

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
         20.0, gt=0, description="...or when its oldest event has waited this many milliseconds."
     )
     capture_prefetch: int = Field(2000, ge=1, description="RabbitMQ prefetch (unacked messages in flight).")
+    capture_max_event_bytes: int = Field(
+        1_048_576, ge=1024, description="A message or event larger than this many bytes is quarantined, not stored."
+    )
     enable_events_interval: float = Field(
         30.0,
         ge=0,
@@ -52,6 +55,9 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Seconds the projector waits for a NOTIFY before polling the log anyway."
     )
     projector_batch_size: int = Field(5000, ge=1, description="Events the projector folds per transaction.")
+    ready_max_lag: int = Field(
+        10_000, ge=0, description="/readyz reports not ready while the projector is more than this many events behind."
+    )
     stream_queue_size: int = Field(
         1000, ge=1, description="Messages buffered per websocket before a slow client is cut off."
     )

@@ -132,8 +132,8 @@ async def append(
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(result.last_seq))
         return result
     except (asyncpg.DataError, asyncpg.exceptions.UntranslatableCharacterError):
-        if len(events) <= 1 and not rejected:
-            raise
+        if not events:
+            raise  # nothing an event-by-event retry could set aside
     # Slow path: find the events PostgreSQL refuses, one by one.
     result = AppendResult()
     async with conn.transaction():

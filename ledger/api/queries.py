@@ -1,0 +1,176 @@
+"""The SQL the API runs against the projections and the log, next to the Python that
+builds it. Every value travels as a parameter; only column names chosen here are spliced."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ledger.api.errors import bad_param
+from ledger.api.models import TaskListQuery
+
+TASK_COLUMNS = (
+    "task_id, name, state, sent, received, started, succeeded, failed, retried, revoked, rejected,"
+    " args, kwargs, result, exception, traceback, eta, expires, retries, runtime, worker, client,"
+    " exchange, routing_key, queue, \"timestamp\", clock, parent_id, root_id, group_id, group_index,"
+    " chord_id, extra, first_seq, last_seq"
+)
+TASK_REF_COLUMNS = "task_id, name, state, group_id, group_index"
+EVENT_COLUMNS = "seq, type, task_id, hostname, sent_at, clock, recorded_at, routing_key, payload"
+GROUP_COLUMNS = "group_id, chord_id, size, states, first_seen, last_seen, first_seq, last_seq"
+WORKER_COLUMNS = (
+    "hostname, pid, freq, sw_ident, sw_ver, sw_sys, loadavg, active, processed, first_seen, last_seen,"
+    " last_heartbeat, offline_at, first_seq, last_seq"
+)
+
+# (query field, column, operator): `_after` bounds are inclusive, `_before` exclusive.
+_RANGES = [
+    (f"{col}_{side}", col, op)
+    for col in ("received", "started", "succeeded", "timestamp")
+    for side, op in (("after", ">="), ("before", "<"))
+]
+
+
+class Params:
+    """Collects query parameters and hands out their $n placeholders."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def encode_cursor(order: str, first_seq: int, task_id: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([order, first_seq, task_id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, order: str) -> tuple[int, str]:
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        cursor_order, first_seq, task_id = data
+        if not isinstance(first_seq, int) or not isinstance(task_id, str):
+            raise ValueError
+    except Exception:
+        raise bad_param("cursor", "not a cursor this API issued", status=400) from None
+    if cursor_order != order:
+        raise bad_param("cursor", f"issued for order={cursor_order}, not order={order}", status=400)
+    return first_seq, task_id
+
+
+def task_filter_sql(q: TaskListQuery, p: Params) -> list[str]:
+    where: list[str] = []
+    if q.state:
+        where.append(f"state = ANY({p(q.state)}::text[])")
+    if q.name:
+        where.append(f"name = ANY({p(q.name)}::text[])")
+    if q.worker:
+        where.append(f"worker = ANY({p(q.worker)}::text[])")
+    for field, column in (("queue", "queue"), ("group", "group_id"), ("root", "root_id"), ("parent", "parent_id")):
+        value = getattr(q, field)
+        if value is not None:
+            where.append(f"{column} = {p(value)}")
+    for field, column, op in _RANGES:
+        value = getattr(q, field)
+        if value is not None:
+            where.append(f'"{column}" {op} {p(value)}')
+    if q.search:
+        needle = p(q.search)
+        where.append(
+            "(" + " OR ".join(f"strpos(lower(coalesce({c}, '')), lower({needle})) > 0"
+                              for c in ("args", "kwargs", "result", "exception")) + ")"
+        )
+    return where
+
+
+async def list_tasks(conn: asyncpg.Pool, q: TaskListQuery) -> tuple[list[dict[str, Any]], str | None]:
+    """One keyset page. Order is by first_seq (then task_id), which never changes for a
+    task, so paging is stable while tasks keep updating."""
+    p = Params()
+    where = task_filter_sql(q, p)
+    desc = q.order == "newest"
+    if q.cursor:
+        seq, task_id = decode_cursor(q.cursor, q.order)
+        where.append(f"(first_seq, task_id) {'<' if desc else '>'} ({p(seq)}, {p(task_id)})")
+    direction = "DESC" if desc else "ASC"
+    sql = (
+        f"SELECT {TASK_COLUMNS} FROM ledger.tasks"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + f" ORDER BY first_seq {direction}, task_id {direction} LIMIT {p(q.limit + 1)}"
+    )
+    rows = [dict(r) for r in await conn.fetch(sql, *p.values)]
+    next_cursor = None
+    if len(rows) > q.limit:
+        rows = rows[: q.limit]
+        last = rows[-1]
+        next_cursor = encode_cursor(q.order, last["first_seq"], last["task_id"])
+    return rows, next_cursor
+
+
+async def get_task(conn: asyncpg.Pool, task_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(
+        f"SELECT {TASK_COLUMNS}, ARRAY(SELECT c.task_id FROM ledger.tasks c WHERE c.parent_id = t.task_id"
+        " ORDER BY c.first_seq, c.task_id) AS children FROM ledger.tasks t WHERE t.task_id = $1",
+        task_id,
+    )
+    return dict(row) if row is not None else None
+
+
+async def task_events(conn: asyncpg.Pool, task_id: str, *, upto_seq: int | None = None,
+                      upto_time: float | None = None) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {EVENT_COLUMNS} FROM ledger.events WHERE task_id = $1"
+        " AND ($2::bigint IS NULL OR seq <= $2) AND ($3::float8 IS NULL OR recorded_at <= to_timestamp($3))"
+        " ORDER BY seq",
+        task_id,
+        upto_seq,
+        upto_time,
+    )
+    return [dict(r) for r in rows]
+
+
+async def read_log(conn: asyncpg.Pool, after: int, types: list[str] | None, task_id: str | None,
+                   limit: int) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {EVENT_COLUMNS} FROM ledger.events WHERE seq > $1"
+        " AND ($2::text[] IS NULL OR type = ANY($2::text[])) AND ($3::text IS NULL OR task_id = $3)"
+        " ORDER BY seq LIMIT $4",
+        after,
+        types,
+        task_id,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def get_group(conn: asyncpg.Pool, group_id: str) -> dict[str, Any] | None:
+    row = await conn.fetchrow(f"SELECT {GROUP_COLUMNS} FROM ledger.groups WHERE group_id = $1", group_id)
+    return dict(row) if row is not None else None
+
+
+async def group_members(conn: asyncpg.Pool, group_id: str, columns: str = TASK_COLUMNS) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        f"SELECT {columns} FROM ledger.tasks WHERE group_id = $1 ORDER BY group_index NULLS LAST, first_seq",
+        group_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def log_position(conn: asyncpg.Pool) -> int:
+    return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM ledger.events")
+
+
+async def seq_at(conn: asyncpg.Pool, when: float) -> int:
+    """The last log position recorded at or before `when` (epoch seconds)."""
+    return await conn.fetchval(
+        "SELECT coalesce(max(seq), 0) FROM ledger.events WHERE recorded_at <= to_timestamp($1)", when
+    )
+
+
+def now() -> float:
+    return time.time()

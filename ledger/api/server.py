@@ -1,0 +1,71 @@
+"""`ledger serve`: the API on uvicorn. `serve()` runs it inside another event loop (for
+`ledger up` and tests) until a stop event is set."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator, Sequence
+
+import uvicorn
+from starlette.applications import Starlette
+
+from ledger.api.app import create_app
+from ledger.config import Settings
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to its host (the stop event decides)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _config(app: Starlette, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,  # /metrics counts requests; a log line per request costs throughput
+        lifespan="on",
+        proxy_headers=True,
+    )
+
+
+async def serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    app: Starlette | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    started: asyncio.Event | None = None,
+) -> None:
+    """Serve until `stop` is set, then shut down gracefully. `started` is set once listening."""
+    server = _EmbeddedServer(_config(app or create_app(settings), settings))
+    serving = asyncio.create_task(server.serve(sockets=list(sockets) if sockets else None))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        while not server.started:
+            if serving.done():
+                await serving  # raises what made startup fail
+                raise RuntimeError("uvicorn stopped during startup")
+            await asyncio.wait([serving, stopping], timeout=0.02, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                break
+        if started is not None and server.started:
+            started.set()
+        await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        stopping.cancel()
+        await serving
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    settings.require_database()
+    uvicorn.Server(_config(create_app(settings), settings)).run()
+    return 0

@@ -169,6 +169,15 @@ class _ReaderThread(threading.Thread):
             self.bytes_read += len(data)
             append(data)
             wake()
+        # Stopping: keep what already reached our socket, then let go.
+        sock.settimeout(0.05)
+        try:
+            while data := recv(4 << 20):
+                self.bytes_read += len(data)
+                append(data)
+        except (TimeoutError, BlockingIOError, OSError):
+            pass
+        wake()
 
     def _close(self) -> None:
         sock, self.sock = self.sock, None

@@ -134,7 +134,7 @@ class CaptureProcess:
         return self.proc.wait(timeout)
 
     def __enter__(self) -> CaptureProcess:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -223,6 +223,29 @@ def publish_events(broker_url: str, exchange: str, messages: Iterable[dict | lis
             for m in messages
         ),
     )
+
+
+def task_stream(n_events: int, prefix: str = "t", hostname: str = "celery@stream", batch: int = 24) -> list[list[dict]]:
+    """``n_events`` distinct task events (uuid ``{prefix}{i}``) in worker-style batches."""
+    from tests.support.events import celery_event
+
+    events = [celery_event("task-started", hostname=hostname, uuid=f"{prefix}{i}") for i in range(n_events)]
+    return [events[i : i + batch] for i in range(0, n_events, batch)]
+
+
+def publish_stream(broker_url: str, exchange: str, batches: list[list[dict]], rate: float | None = None) -> None:
+    """Publish batches (``task.multi``), at most ``rate`` events per second if given."""
+    start, sent = time.monotonic(), 0
+    with Connection(broker_url) as conn:
+        producer = Producer(conn.default_channel, exchange=_exchange(conn, exchange))
+        for batch in batches:
+            producer.publish(orjson.dumps(batch), routing_key="task.multi", content_type="application/json",
+                             content_encoding="utf-8", delivery_mode=1)
+            sent += len(batch)
+            if rate:
+                ahead = sent / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing the publisher, not waiting for a condition
 
 
 def redis_envelope(body: bytes, routing_key: str, exchange: str) -> bytes:

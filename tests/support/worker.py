@@ -48,6 +48,8 @@ __all__ = [
     "Workload",
     "WorkloadConfig",
     "backend_report",
+    "cleanup",
+    "clear_witness",
     "event_identity",
     "make_app",
     "redis_db_urls",
@@ -133,6 +135,19 @@ def clear_witness(config: WorkloadConfig) -> None:
             client.delete(config.witness_key)
         finally:
             client.close()
+
+
+def cleanup(config: WorkloadConfig) -> None:
+    """Remove what a test's workload leaves on the brokers: its task queue and witness list."""
+    clear_witness(config)
+    app = make_app(WorkloadConfig(config.broker_url, config.event_exchange, config.result_backend, instrument=0))
+    try:
+        with app.connection_for_write() as connection:
+            app.amqp.queues[app.conf.task_default_queue].bind(connection.default_channel).delete()
+    except Exception:  # best effort: the queue may never have been declared
+        pass
+    finally:
+        app.close()
 
 
 def event_identity(event: dict[str, Any]) -> tuple:
@@ -370,13 +385,19 @@ def run_workload(app: Celery, *, timeout: float = 40.0, group_size: int = 4, cho
     add, tsum, fail, flaky, slow = (t[f"workload.{n}"] for n in ("add", "tsum", "fail", "flaky", "slow"))
     w = Workload()
 
+    # Expires while the worker holds it for its countdown: received, then revoked (expired),
+    # never started. Sent first, so the broker delivers it at once: RabbitMQ drops a message
+    # whose TTL (Celery sets it from `expires`) ends while it waits in the queue.
+    expiring = add.apply_async((0, 0), countdown=2, expires=1)
+    w.add(ExpectedTask(expiring.id, add.name, "REVOKED", expired=True))
+
     # Revoked while running: wait until a worker has started it, then terminate it.
     running = slow.apply_async((60,))
     w.add(ExpectedTask(running.id, slow.name, "REVOKED", terminated=True))
     wait_for(lambda: running.state == "STARTED", timeout, "the slow task to start")
     app.control.revoke(running.id, terminate=True, signal="SIGKILL")
 
-    results: list[AsyncResult] = []
+    results: list[AsyncResult] = [expiring]
     for x in range(3):
         r = add.delay(x, 100)
         results.append(r)
@@ -387,11 +408,6 @@ def run_workload(app: Celery, *, timeout: float = 40.0, group_size: int = 4, cho
     r = flaky.delay(7, failures=2)
     results.append(r)
     w.add(ExpectedTask(r.id, flaky.name, "SUCCESS", retries=2))
-    # Expired before any worker sees it: revoked on arrival, never received.
-    r = add.apply_async((0, 0), expires=datetime.now(timezone.utc) - timedelta(seconds=5))
-    results.append(r)
-    w.add(ExpectedTask(r.id, add.name, "REVOKED", expired=True))
-
     g: GroupResult = group(add.s(i, 10) for i in range(group_size)).apply_async()
     g.save()
     w.groups[g.id] = [m.id for m in g.results]

@@ -35,7 +35,10 @@ CHANGES_CHANNEL = "ledger_changes"
 PUMP_BATCH = 5000
 
 _MAX_SEQ = {
-    "changes": "SELECT coalesce(max(seq), 0) FROM ledger.changes",
+    # the projections' checkpoint counts too: a batch may change nothing visible, and the
+    # next change is past the checkpoint either way
+    "changes": "SELECT greatest((SELECT coalesce(max(seq), 0) FROM ledger.changes),"
+               " (SELECT coalesce(min(seq), 0) FROM ledger.checkpoints))",
     "events": "SELECT coalesce(max(seq), 0) FROM ledger.events",
 }
 

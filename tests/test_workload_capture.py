@@ -19,35 +19,13 @@ import orjson
 from tests.support.capture import capture_settings, delete_capture_queue, running_capture
 from tests.support.worker import (
     Workload,
-    WorkloadConfig,
     cleanup,
     event_identity,
-    make_app,
-    run_workload,
-    running_worker,
-    wait_for_final_events,
-    witness,
+    run_workload_on_worker,
     workload_config,
 )
 
 QUIESCENCE_TIMEOUT = 20.0
-
-
-def _run(config: WorkloadConfig) -> tuple[Workload, list[dict[str, Any]]]:
-    """Start a worker, run the workload, stop the worker; return it and what was published."""
-    app = make_app(config)
-    try:
-        with running_worker(config) as worker:
-            try:
-                workload = run_workload(app)
-                wait_for_final_events(config, workload)
-            except BaseException:
-                print(worker.log_tail())
-                raise
-        # Stopped: worker-offline is out, nothing more will be published.
-        return workload, witness(config)
-    finally:
-        app.close()
 
 
 async def _log(database_url: str) -> list[dict[str, Any]]:
@@ -73,40 +51,48 @@ async def _wait_for_log(database_url: str, expected: set[tuple]) -> list[dict[st
         await asyncio.sleep(0.05)  # polling another component's commits
 
 
-async def test_workload_events_land_in_the_log_exactly_once(
-    database_url: str, broker_url: str, event_exchange: str, redis_url: str
-) -> None:
-    config = workload_config(broker_url, event_exchange, redis_url)
+async def _capture_workload(
+    database_url: str, broker_url: str, event_exchange: str, redis_url: str, **config: Any
+) -> tuple[Workload, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Capture running, a worker runs the workload; returns (workload, sent, log) once the
+    log holds every sent event and nothing more arrives."""
+    config_ = workload_config(broker_url, event_exchange, redis_url, **config)
     settings = capture_settings(database_url, broker_url, event_exchange)
-    cleanup(config)
+    cleanup(config_)
     try:
         async with running_capture(settings):
-            workload, sent = await asyncio.to_thread(_run, config)
+            workload, sent = await asyncio.to_thread(run_workload_on_worker, config_)
             log = await _wait_for_log(database_url, {event_identity(e) for e in sent})
-            assert await _log(database_url) == log  # quiescent: nothing more arrived meanwhile
+        assert await _log(database_url) == log  # capture stopped: its log is final
     finally:
-        cleanup(config)
+        cleanup(config_)
         if broker_url.startswith("amqp"):
             await delete_capture_queue(broker_url, settings.capture_queue)
+    return workload, sent, log
 
-    # Exactly once, and nothing the app did not send.
+
+def _assert_exactly_once_as_sent(sent: list[dict[str, Any]], log: list[dict[str, Any]]) -> None:
     sent_ids = Counter(event_identity(e) for e in sent)
     log_ids = Counter(event_identity(e) for e in log)
     assert max(sent_ids.values()) == 1, "the witness saw one event twice"
-    assert log_ids == sent_ids
+    assert log_ids == sent_ids  # each sent event once, and nothing the app did not send
     # Stored as sent: every field, every value (no localised timestamp, no rewritten clock).
     by_identity = {event_identity(e): e for e in sent}
     for event in log:
         assert event == by_identity[event_identity(event)]
 
-    # The workload really had every kind of task, and the log shows how each ended.
+
+def _assert_outcomes(workload: Workload, log: list[dict[str, Any]], *, sent_events: bool) -> None:
+    """The workload had every kind of task, and the log shows how each one ended."""
     types = Counter(e["type"] for e in log)
     assert types["worker-online"] == 1 and types["worker-offline"] == 1
+    assert len(workload.by_state("FAILURE")) == 1 and len(workload.by_state("REVOKED")) == 2
+    assert workload.chains and len(workload.groups) == 2 and len(workload.chords) == 1
     for task in workload.tasks.values():
         own = [e for e in log if e.get("uuid") == task.id]
         kinds = Counter(e["type"] for e in own)
         assert kinds[task.final_event] == 1, (task, kinds)
-        assert kinds["task-sent"] == 1 + task.retries, (task, kinds)
+        assert kinds["task-sent"] == (1 + task.retries if sent_events else 0), (task, kinds)
         assert kinds["task-retried"] == task.retries, (task, kinds)
         if task.expired or task.terminated:
             [revoked] = [e for e in own if e["type"] == "task-revoked"]
@@ -114,9 +100,15 @@ async def test_workload_events_land_in_the_log_exactly_once(
         if task.expired:  # held for its countdown, expired meanwhile: never started
             assert not kinds["task-started"]
         if task.parent_id:
-            assert all(e["parent_id"] == task.parent_id for e in own if e["type"] == "task-sent")
-    assert len(workload.by_state("FAILURE")) == 1 and len(workload.by_state("REVOKED")) == 2
-    assert workload.chains and len(workload.groups) == 2 and len(workload.chords) == 1
+            assert all(e["parent_id"] == task.parent_id for e in own if "parent_id" in e)
+
+
+async def test_workload_events_land_in_the_log_exactly_once(
+    database_url: str, broker_url: str, event_exchange: str, redis_url: str
+) -> None:
+    workload, sent, log = await _capture_workload(database_url, broker_url, event_exchange, redis_url)
+    _assert_exactly_once_as_sent(sent, log)
+    _assert_outcomes(workload, log, sent_events=True)
 
     # Group ids, indexes and chord membership, where instrument put them.
     for task in workload.tasks.values():
@@ -132,3 +124,14 @@ async def test_workload_events_land_in_the_log_exactly_once(
     for callback_id, header_id in workload.chords.items():
         members = [e["uuid"] for e in log if e["type"] == "ledger-task-meta" and e["chord_id"] == callback_id]
         assert sorted(members) == sorted(workload.groups[header_id])
+
+
+async def test_workload_of_an_app_without_the_integration(
+    database_url: str, event_exchange: str, redis_url: str
+) -> None:
+    """A plain Celery app (task events on, as with -E; no instrument): its events are all captured, once;
+    Celery sends no task-sent and no group ids, and the ledger adds none."""
+    workload, sent, log = await _capture_workload(database_url, redis_url, event_exchange, redis_url, instrument=0)
+    _assert_exactly_once_as_sent(sent, log)
+    _assert_outcomes(workload, log, sent_events=False)
+    assert not [e for e in log if e["type"].startswith("ledger-") or "group_id" in e]

@@ -1,6 +1,10 @@
 """A real Celery worker for tests, and the workload it runs.
 
-Usage (sync; from an async test wrap the blocking calls in ``asyncio.to_thread``)::
+Usage (sync; from an async test wrap the blocking calls in ``asyncio.to_thread``). In one call::
+
+    workload, sent = run_workload_on_worker(workload_config(broker_url, event_exchange, redis_url))
+
+or step by step::
 
     config = workload_config(broker_url, event_exchange, redis_url)
     app = make_app(config)                      # the client side, same tasks as the worker
@@ -54,6 +58,8 @@ __all__ = [
     "make_app",
     "redis_db_urls",
     "run_workload",
+    "run_workload_on_worker",
+    "EventCollector",
     "running_worker",
     "wait_for",
     "wait_for_final_events",
@@ -441,6 +447,26 @@ def run_workload(app: Celery, *, timeout: float = 40.0, group_size: int = 4, cho
         state = AsyncResult(task.id, app=app).state
         assert state == task.state, f"{task.name} {task.id}: backend says {state}, expected {task.state}"
     return w
+
+
+def run_workload_on_worker(config: WorkloadConfig, **worker_kwargs: Any) -> tuple[Workload, list[dict[str, Any]]]:
+    """Start a worker, run the workload, wait for its final events, stop the worker (warm).
+
+    Returns the workload and the witness: every event the app published (worker-offline
+    included). Blocking: from an async test, ``await asyncio.to_thread(run_workload_on_worker, config)``."""
+    app = make_app(config)
+    try:
+        with running_worker(config, **worker_kwargs) as worker:
+            try:
+                workload = run_workload(app)
+                if config.task_events:
+                    wait_for_final_events(config, workload)
+            except BaseException:
+                print(f"--- worker log ({worker.log_path}) ---\n{worker.log_tail()}")
+                raise
+        return workload, witness(config)
+    finally:
+        app.close()
 
 
 def backend_report(app: Celery, workload: Workload) -> dict[str, dict[str, Any]]:

@@ -25,8 +25,11 @@ What it turns on and adds (in the client and in the worker, both run your app mo
   (routing key ``ledger.multi``, a list body). Its group is ``ledger``, which
   ``celery.events.state.State`` and Flower ignore, so their task states are undisturbed.
 
-``chord_id`` is the task id of the chord callback a chord header task feeds. Tasks outside
-groups and chords get no extra fields and no extra events. Calling ``instrument`` twice is
+``chord_id`` is the task id of the chord callback a chord header task feeds (for a chain
+callback, its last task: the id of the chord's ``AsyncResult``). Celery itself gives the chord
+callback the header's group id and no group index, so a task with ``group_id`` and
+``group_index`` None is a chord callback, not a member. Tasks outside groups and chords get no
+extra fields and no extra events. Calling ``instrument`` twice is
 harmless. Tasks whose class sets its own ``Request`` keep it (they still get
 ``ledger-task-meta`` and annotated ``task-sent``).
 """

@@ -316,6 +316,13 @@ class Worker:
             self._control_app = None
         return process.returncode
 
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def remove_log(self) -> None:
+        self.log_path.unlink(missing_ok=True)
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -464,6 +471,8 @@ def run_workload_on_worker(config: WorkloadConfig, **worker_kwargs: Any) -> tupl
             except BaseException:
                 print(f"--- worker log ({worker.log_path}) ---\n{worker.log_tail()}")
                 raise
+        assert worker.returncode == 0, f"worker exited with {worker.returncode}:\n{worker.log_tail()}"
+        worker.remove_log()
         return workload, witness(config)
     finally:
         app.close()

@@ -478,8 +478,16 @@ def run_workload_on_worker(config: WorkloadConfig, **worker_kwargs: Any) -> tupl
         app.close()
 
 
-def backend_report(app: Celery, workload: Workload) -> dict[str, dict[str, Any]]:
-    """What Celery's result backend holds for each task of the workload (result_extended on)."""
+def backend_report(app: Celery | WorkloadConfig, workload: Workload) -> dict[str, dict[str, Any]]:
+    """What Celery's result backend holds for each task of the workload (result_extended on):
+    task id -> state, retries, name, worker, result, and group_id/group_index for members of
+    the workload's groups (saved GroupResults, chord headers included)."""
+    if isinstance(app, WorkloadConfig):
+        client = make_app(app)
+        try:
+            return backend_report(client, workload)
+        finally:
+            client.close()
     report = {}
     for task_id in workload.tasks:
         meta = app.backend.get_task_meta(task_id)

@@ -130,7 +130,7 @@ class Subscription:
         target = hub.position(self.source)
         await self._catch_up(target)
         if self.members is not None and self.since is not None:
-            await self._load_members()
+            await self._load_members(target)
             while keys := self._unchecked(r for _, rows in self.buffer for r in rows):
                 await self._lookback(keys)
         buffered, self.buffer = self.buffer, []
@@ -182,7 +182,10 @@ class Subscription:
             if filters.matches(self.topic.query, r["data"]):
                 self.members[r["key"]] = None
 
-    async def _load_members(self) -> None:
+    async def _load_members(self, caught_up_to: int) -> None:
+        """Tasks that matched at `since` and that catch-up did not meet: those unchanged
+        since (their row now is their row then), and those changed after `caught_up_to`
+        whose rows the hub may not have dispatched yet (lookback)."""
         assert isinstance(self.topic, TasksTopic) and self.members is not None
         p = Params()
         where = filters.where_sql(self.topic.query, p)
@@ -192,6 +195,12 @@ class Subscription:
         for r in rows:
             if r["task_id"] not in self._checked:
                 self.members[r["task_id"]] = None
+        recent = await self.hub.pool.fetch(
+            "SELECT task_id FROM ledger.tasks WHERE last_seq > $1 ORDER BY last_seq LIMIT $2", caught_up_to, MAX_MEMBERS)
+        keys = [r["task_id"] for r in recent if r["task_id"] not in self._checked]
+        if keys:
+            self._checked.update(keys)
+            await self._lookback(keys)
 
 
 def _tagged(ch: Change, match: bool) -> orjson.Fragment:

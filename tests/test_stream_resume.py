@@ -133,6 +133,7 @@ async def test_reconnecting_with_since_at_random_moments_loses_nothing_and_repea
                 flaky.ws.transport.abort()
                 await flaky.closed.wait()
             received = list(flaky.messages)
+            flaky_seen.extend(received)
             for sub in SUBS:
                 point = resume_point(received, sub)
                 if point is not None:

@@ -89,10 +89,21 @@ def _columns(events: Sequence[Event]) -> list[list]:
     ]
 
 
+# The batch path only needs how many rows went in and the last seq: counting server-side
+# saves sending thousands of seqs back per batch.
+_INSERT_EVENTS_COUNT = f"WITH ins AS ({_INSERT_EVENTS}) SELECT count(*), max(seq) FROM ins"
+
+
 async def _insert_locked(conn: asyncpg.Connection, events: Sequence[Event]) -> list[int]:
     await conn.execute("SELECT pg_advisory_xact_lock(ledger.append_lock_id())")
     rows = await conn.fetch(_INSERT_EVENTS, *_columns(events))
     return [r[0] for r in rows]
+
+
+async def _insert_locked_count(conn: asyncpg.Connection, events: Sequence[Event]) -> tuple[int, int | None]:
+    await conn.execute("SELECT pg_advisory_xact_lock(ledger.append_lock_id())")
+    row = await conn.fetchrow(_INSERT_EVENTS_COUNT, *_columns(events))
+    return row[0], row[1]
 
 
 async def insert_quarantine(conn: asyncpg.Connection, rejected: Sequence[Rejected]) -> None:
@@ -125,11 +136,12 @@ async def append(
     rejected = list(rejected)
     try:
         async with conn.transaction():
-            seqs = await _insert_locked(conn, events) if events else []
+            inserted, last_seq = await _insert_locked_count(conn, events) if events else (0, None)
             await insert_quarantine(conn, rejected)
-            _finish(result, len(events), seqs, len(rejected))
-            if seqs:
-                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(result.last_seq))
+            result.inserted, result.duplicates = inserted, len(events) - inserted
+            result.quarantined, result.last_seq = len(rejected), last_seq
+            if inserted:
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(last_seq))
         return result
     except (asyncpg.DataError, asyncpg.exceptions.UntranslatableCharacterError):
         if not events:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+# pgserver logs every initdb line at INFO; only its problems matter here.
+logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,6 +19,14 @@ from starlette.routing import Route
 from ledger.api.auth import bearer_token
 from ledger.api.errors import ApiError, ORJSONResponse, from_validation_error
 from ledger.db import TRANSIENT_ERRORS
+
+# Errors that mean the database cannot serve us right now: answered 503, never 500.
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    *TRANSIENT_ERRORS,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,  # e.g. "not currently accepting connections"
+    asyncpg.exceptions.InternalClientError,  # a pooled connection whose backend was killed mid-use
+)
 
 Handler = Callable[[Request, Any], Awaitable[Any]]
 
@@ -101,11 +110,11 @@ def endpoint(
         list_fields = _list_fields(query) if query else frozenset()
 
         async def handle(request: Request) -> Response:
-            await require(request, scope)
-            params = parse_query(request, query, list_fields) if query else None
             try:
+                await require(request, scope)
+                params = parse_query(request, query, list_fields) if query else None
                 result = await fn(request, params)
-            except TRANSIENT_ERRORS:
+            except DATABASE_DOWN:
                 raise ApiError(503, "database_unavailable", "the database is not reachable",
                                headers={"Retry-After": "1"}) from None
             return result if isinstance(result, Response) else ORJSONResponse(result)

@@ -41,6 +41,7 @@ class ApiServer:
         """An httpx client for this server; `scope` picks a token (None: no token)."""
         token = token if token is not None else (self.tokens[scope] if scope else None)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers.update(kw.pop("headers", {}))
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=10, **kw)
 
 
@@ -224,3 +225,20 @@ def sample_workload() -> tuple[Workload, list[dict[str, Any]]]:
            sw_ident="py-celery", sw_ver="5.5.0", sw_sys="Linux", timestamp=T0 + 17),
     ]
     return w, events
+
+
+@dataclass
+class Loaded:
+    api: ApiServer
+    ids: Workload
+    events: list[dict[str, Any]]
+    last_seq: int
+
+
+@pytest.fixture
+async def loaded_api(database_url: str, conn: asyncpg.Connection) -> AsyncIterator[Loaded]:
+    """`sample_workload` in the log and the projections, and the API serving it."""
+    ids, events = sample_workload()
+    last_seq = await record_and_project(conn, database_url, events)
+    async with running_api(database_url) as api:
+        yield Loaded(api, ids, events, last_seq or 0)

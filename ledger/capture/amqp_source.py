@@ -57,6 +57,7 @@ class AmqpSource:
         self.decoder, self.batcher = decoder, batcher
         self.ready = asyncio.Event()
         self.messages = 0
+        self.subscriptions = 0  # how many times (re)connected and consuming
         self.connection: aiormq.abc.AbstractConnection | None = None
         self.channel: aiormq.abc.AbstractChannel | None = None
         self.consumer_tag: str | None = None
@@ -82,6 +83,7 @@ class AmqpSource:
                 try:
                     await self._open()
                     backoff.reset()
+                    self.subscriptions += 1
                     self.ready.set()
                     log.info("capture: consuming RabbitMQ queue %r bound to exchange %r with '#'", self.queue, self.exchange)
                     closing = [self.connection.closing, self.channel.closing]  # type: ignore[union-attr]
@@ -108,7 +110,8 @@ class AmqpSource:
 
     async def _open(self) -> None:
         await self._drop()
-        self.connection = await aiormq.connect(self.url)
+        # Named, so operators (and tests) can find it: rabbitmqctl list_connections user_provided_name
+        self.connection = await aiormq.connect(self.url, client_properties={"connection_name": f"ledger-capture:{self.queue}"})
         self.channel = await self.connection.channel()
         await self.channel.basic_qos(prefetch_count=self.prefetch)
         await declare(self.channel, self.exchange, self.queue)

@@ -118,6 +118,10 @@ def channels(db: int, exchange: str) -> tuple[str, str]:
     return _glob_escape(base) + "/*", base
 
 
+def client_name(exchange: str) -> str:
+    return "ledger-capture:" + "".join(ch if ch.isalnum() or ch in "._-:" else "_" for ch in exchange)
+
+
 class _ReaderThread(threading.Thread):
     """Reads raw bytes off the pub/sub socket as fast as Redis sends them. Nothing else."""
 
@@ -153,6 +157,11 @@ class _ReaderThread(threading.Thread):
             reply = _read_line(sock)
             if not reply.startswith(b"+"):
                 raise RuntimeError(f"AUTH refused: {reply.decode(errors='replace')}")
+        # A name operators (and tests) can find in CLIENT LIST.
+        sock.sendall(_command("CLIENT", "SETNAME", client_name(self.exchange)))
+        reply = _read_line(sock)
+        if not reply.startswith(b"+"):
+            log.warning("capture: Redis CLIENT SETNAME refused: %s", reply.decode(errors="replace").strip())
         pattern, plain = channels(self.address.db, self.exchange)
         sock.sendall(_command("PSUBSCRIBE", pattern) + _command("SUBSCRIBE", plain))
         sock.settimeout(1.0)  # so stop() is noticed within a second
@@ -270,6 +279,7 @@ class RedisSource:
         self.exchange, self.decoder, self.batcher = exchange, decoder, batcher
         self.ready = asyncio.Event()
         self.messages = 0
+        self.subscriptions = 0  # how many times (re)subscribed
         self._chunks: deque = deque()
         self._waiting = False
         self._wake_event = asyncio.Event()
@@ -349,6 +359,7 @@ class RedisSource:
             self.messages += 1
             batcher.added()
         elif kind == b"subscribe":
+            self.subscriptions += 1
             self.ready.set()  # both subscriptions are in place (SUBSCRIBE was sent second)
         elif kind.startswith(b"-"):
             log.error("capture: Redis replied %s", kind.decode(errors="replace"))

@@ -103,50 +103,9 @@ async def record(conn: asyncpg.Connection, payloads: Iterable[dict[str, Any]]) -
 
 async def project(database_url: str) -> None:
     """Fold every event not yet applied into the projection tables (the projector's catch-up)."""
-    try:
-        from ledger.projections.projector import catch_up
-    except ImportError:
-        await _fold_into_tables(database_url)
-        return
-    await catch_up(Settings(database_url=database_url))
+    from ledger.projections.projector import Projector
 
-
-async def _fold_into_tables(database_url: str) -> None:
-    # Stand-in until the projector lands: the projections' own Fold over the whole log,
-    # written to the tables wholesale. Same rows, none of the projector's incrementality.
-    from ledger.projections.fold import Fold, group_row_out, name_row_out
-    from ledger.projections.task_state import task_row_out
-    from ledger.projections.worker_state import worker_row_out
-
-    conn = await db.connect(database_url)
-    try:
-        fold = Fold()
-        events = await conn.fetch("SELECT seq, type, payload, recorded_at FROM ledger.events ORDER BY seq")
-        fold.apply_records(events)
-        tables = {
-            "tasks": [task_row_out(r) for r in fold.tasks.values()],
-            "groups": [group_row_out(r) for r in fold.groups.values() if r["size"] > 0],
-            "workers": [worker_row_out(r) for r in fold.workers.values()],
-            "task_names": [name_row_out(r) for r in fold.task_names.values()],
-        }
-        async with conn.transaction():
-            for table, rows in tables.items():
-                await conn.execute(f"DELETE FROM ledger.{table}")
-                for row in rows:
-                    cols = list(row)
-                    await conn.execute(
-                        f"INSERT INTO ledger.{table} ({', '.join(chr(34) + c + chr(34) for c in cols)})"
-                        f" VALUES ({', '.join(f'${i + 1}' for i in range(len(cols)))})",
-                        *row.values(),
-                    )
-            last = events[-1]["seq"] if events else 0
-            await conn.execute(
-                "INSERT INTO ledger.checkpoints (projection, seq) VALUES ('all', $1)"
-                " ON CONFLICT (projection) DO UPDATE SET seq = excluded.seq",
-                last,
-            )
-    finally:
-        await conn.close()
+    await Projector(Settings(database_url=database_url)).catch_up()
 
 
 async def record_and_project(conn: asyncpg.Connection, database_url: str, payloads: Iterable[dict[str, Any]]) -> int | None:

@@ -1,6 +1,19 @@
+-- Projection additions. Idempotent (IF NOT EXISTS): an earlier draft of this file was
+-- applied under another name in some development databases.
+
 -- Groups count their members by state, so a group's progress (and django-celery-results'
 -- "done" for a group) is one row away, and the change feed carries it.
-ALTER TABLE ledger.groups ADD COLUMN states jsonb NOT NULL DEFAULT '{}'::jsonb;
+ALTER TABLE ledger.groups ADD COLUMN IF NOT EXISTS states jsonb NOT NULL DEFAULT '{}'::jsonb;
 
--- Workers listed by most recent activity; task names by most recent use.
-CREATE INDEX workers_last_seen ON ledger.workers (last_seen);
+-- Workers listed by most recent activity.
+CREATE INDEX IF NOT EXISTS workers_last_seen ON ledger.workers (last_seen);
+
+-- `ledger rebuild` drops the secondary indexes of the big projection tables while it
+-- replays (building an index once is far cheaper than maintaining it row by row) and
+-- recreates them at the end. Their definitions wait here meanwhile, so a rebuild that dies
+-- half way loses none: the next projector term or rebuild recreates them.
+CREATE TABLE IF NOT EXISTS ledger.rebuild_dropped_indexes (
+    name        text PRIMARY KEY,
+    definition  text NOT NULL,
+    dropped_at  timestamptz NOT NULL DEFAULT now()
+);

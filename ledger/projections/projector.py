@@ -20,6 +20,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -28,7 +29,17 @@ from ledger.config import Settings
 from ledger.log.recorder import NOTIFY_CHANNEL as EVENTS_CHANNEL
 from ledger.projections import lock
 from ledger.projections.fold import Fold
-from ledger.projections.store import CheckpointMoved, load_rows, read_checkpoint, read_events, write_batch
+from ledger.projections.store import (
+    CheckpointMoved,
+    PreparedBatch,
+    commit_batch,
+    connect,
+    load_rows,
+    prepare_batch,
+    read_checkpoint,
+    read_events,
+    restore_indexes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,38 +85,93 @@ class Projector:
 
     async def start_term(self, conn: asyncpg.Connection) -> None:
         """Begin writing on a connection that holds the lock: trust nothing cached."""
+        restored = await restore_indexes(conn)  # left dropped by a rebuild that died
+        if restored:
+            log.warning("projector: recreated indexes an interrupted rebuild dropped: %s", ", ".join(restored))
         self.checkpoint = await read_checkpoint(conn)
         self.fold = Fold()
 
     async def step(self, conn: asyncpg.Connection) -> int:
         """Fold and write the next batch; return how many events it held (0: caught up)."""
         events = await read_events(conn, self.checkpoint, self.batch_size)
+        await self.apply_batch(conn, events)
+        return len(events)
+
+    async def apply_batch(self, conn: asyncpg.Connection, events: list) -> None:
+        """Fold ``events`` (the next ones after the checkpoint) and write them."""
         if not events:
-            return 0
-        last = events[-1][0]
-        fold = self.fold
+            return
         try:
-            await load_rows(conn, fold, events)
-            apply = fold.apply
-            for seq, type_, payload, recorded_at in events:
-                apply(seq, type_, payload, recorded_at)
-            async with conn.transaction():
-                stored = await read_checkpoint(conn, for_update=True)
-                if stored != self.checkpoint:
-                    raise CheckpointMoved(f"checkpoint is {stored}, expected {self.checkpoint}")
-                await write_batch(conn, fold, last, changes=self.write_changes)
+            await load_rows(conn, self.fold, events)
+            batch = self._fold(events)
+            await commit_batch(conn, batch)
         except BaseException:
             self.fold = Fold()  # the cache may now be ahead of the database
             raise
-        self.checkpoint = last
-        if len(fold) > self.cache_rows:
-            fold.clear()
-        return len(events)
+        self.checkpoint = batch.checkpoint
+        if len(self.fold) > self.cache_rows:
+            self.fold.clear()
+
+    def _fold(self, events: list) -> PreparedBatch:
+        apply = self.fold.apply
+        for seq, type_, payload, recorded_at in events:
+            apply(seq, type_, payload, recorded_at)
+        return prepare_batch(self.fold, self.checkpoint, events[-1][0], changes=self.write_changes)
+
+    async def drain(
+        self,
+        conn: asyncpg.Connection,
+        reader: asyncpg.Connection,
+        loader: asyncpg.Connection,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Apply everything up to the end of the log, pipelined for `ledger rebuild`: while
+        batch N is written on ``conn``, batch N+1 is read (``reader``), its missing rows
+        loaded (``loader``) and folded, so PostgreSQL and Python work at the same time.
+
+        Safe because a row the fold lacks was last changed by a committed batch (the cache
+        is only cleared when no write is in flight), and batches commit in order, each
+        fenced by the checkpoint it was folded on."""
+        total = 0
+        writing: asyncio.Future | None = None
+        pending = asyncio.ensure_future(read_events(reader, self.checkpoint, self.batch_size))
+        try:
+            while events := await pending:
+                pending = asyncio.ensure_future(read_events(reader, events[-1][0], self.batch_size))
+                if len(self.fold) > self.cache_rows:
+                    if writing is not None:  # drain the pipeline first: all folded is then stored
+                        await writing
+                        writing = None
+                    self.fold.clear()
+                await load_rows(loader, self.fold, events)
+                batch = self._fold(events)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(self._commit(conn, batch))
+                self.checkpoint = batch.checkpoint  # the next batch folds on this one
+                total += len(events)
+                if progress is not None:
+                    progress(batch.checkpoint, total)
+            if writing is not None:
+                await writing
+                writing = None
+        except BaseException:
+            self.fold = Fold()
+            for future in (pending, writing):
+                if future is not None and not future.done():
+                    future.cancel()
+            raise
+        return total
+
+    @staticmethod
+    async def _commit(conn: asyncpg.Connection, batch: PreparedBatch) -> PreparedBatch:
+        await commit_batch(conn, batch)
+        return batch
 
     async def catch_up(self) -> int:
         """Take the lock (waiting for it), apply every event in the log, release; return
         the checkpoint."""
-        conn = await db.retry("connect to PostgreSQL", lambda: db.connect(self.dsn))
+        conn = await db.retry("connect to PostgreSQL", lambda: connect(self.dsn))
         try:
             await lock.acquire(conn)
             await self.start_term(conn)
@@ -124,7 +190,7 @@ class Projector:
         while not stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await db.connect(self.dsn)
+                conn = await connect(self.dsn)
                 if not await lock.wait_for_lease(conn, stop, self.standby_interval):
                     break
                 backoff.reset()

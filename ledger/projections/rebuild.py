@@ -22,7 +22,7 @@ from ledger import db
 from ledger.config import Settings
 from ledger.projections import lock
 from ledger.projections.projector import Projector
-from ledger.projections.store import truncate_all
+from ledger.projections.store import connect, drop_secondary_indexes, restore_indexes, truncate_all
 
 __all__ = ["ProgressBar", "RebuildResult", "rebuild", "run"]
 
@@ -48,8 +48,10 @@ class ProgressBar:
         self.total, self.stream, self.width = max(total, 1), stream, width
         self.started = time.monotonic()
         self.drawn = 0.0
+        self.events = 0
 
     def update(self, done: int, events: int, *, final: bool = False) -> None:
+        self.events = events
         now = time.monotonic()
         if not final and now - self.drawn < 0.1:
             return
@@ -73,28 +75,35 @@ async def rebuild(
     *,
     batch_size: int = REBUILD_BATCH,
     progress: Callable[[int, int, int], None] | None = None,
+    on_indexes: Callable[[], None] | None = None,
 ) -> RebuildResult:
     """Rebuild every projection from the log. ``progress(position, last_seq, events)``
-    is called after each batch."""
+    is called after each batch, ``on_indexes()`` before the indexes are rebuilt."""
     dsn = settings.require_database()
-    conn = await db.retry("connect to PostgreSQL", lambda: db.connect(dsn))
+    conn = await db.retry("connect to PostgreSQL", lambda: connect(dsn))
+    reader = await db.retry("connect to PostgreSQL", lambda: connect(dsn))
+    loader = await db.retry("connect to PostgreSQL", lambda: connect(dsn))
     try:
         await lock.acquire(conn)
         started = time.monotonic()
         await truncate_all(conn)
-        last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM ledger.events")
         projector = Projector(settings, batch_size=batch_size, cache_rows=300_000)
-        await projector.start_term(conn)
-        events = 0
+        await projector.start_term(conn)  # checkpoint 0; recreates indexes a dead rebuild left dropped
+        await drop_secondary_indexes(conn)
+        last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM ledger.events")
         if progress:
             progress(0, last_seq, 0)
-        while applied := await projector.step(conn):
-            events += applied
-            if progress:
-                progress(projector.checkpoint, last_seq, events)
+        events = await projector.drain(
+            conn, reader, loader, None if progress is None else lambda position, done: progress(position, last_seq, done)
+        )
+        if on_indexes:
+            on_indexes()
+        await restore_indexes(conn)
         await lock.release(conn)
         return RebuildResult(events, projector.checkpoint, time.monotonic() - started)
     finally:
+        await loader.close()
+        await reader.close()
         await conn.close()
 
 
@@ -109,12 +118,17 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             bar = ProgressBar(last_seq)
         bar.update(position, events)
 
+    def indexes() -> None:
+        if bar is not None:
+            bar.update(bar.total, bar.events, final=True)
+        print("rebuild: recreating indexes", file=sys.stderr, flush=True)
+
     show_progress = not getattr(args, "no_progress", False)
     if show_progress:
         print("rebuild: taking the projector lock (a running projector yields it)", file=sys.stderr, flush=True)
-    result = asyncio.run(rebuild(settings, progress=show if show_progress else None))
-    if bar is not None:
-        bar.update(result.checkpoint, result.events, final=True)
+    result = asyncio.run(
+        rebuild(settings, progress=show if show_progress else None, on_indexes=indexes if show_progress else None)
+    )
     print(
         f"rebuilt projections from {result.events:,} events up to seq {result.checkpoint} "
         f"in {result.seconds:.1f}s ({result.rate:,.0f} events/s)"

@@ -1,18 +1,21 @@
 """Reading and writing the projection tables, their checkpoints and the change feed.
 
-Everything a batch changed is written with one bulk statement per table (arrays through
-``unnest``), in the same transaction as the checkpoint and the ``ledger.changes`` rows, and
-the commit NOTIFYs ``ledger_changes`` with the new checkpoint.
+Everything a batch changed is written in bulk - tasks seen for the first time with COPY, the
+other rows with one upsert per table (arrays through ``unnest``) - in the same transaction
+as the checkpoint and the ``ledger.changes`` rows (built in the database from the rows just
+written, ``to_jsonb(row)``), and the commit NOTIFYs ``ledger_changes`` with the checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import orjson
 
+from ledger import db
 from ledger.projections.fold import GROUP_COLUMNS, NAME_COLUMNS, Fold, event_parts, group_row_out, name_row_out
 from ledger.projections.task_state import TASK_COLUMNS, task_row_in, task_row_out, to_text
 from ledger.projections.worker_state import WORKER_COLUMNS, worker_row_out
@@ -62,11 +65,6 @@ _UPSERT_TASKS = _upsert_sql("tasks", TASK_COLUMNS, "task_id")
 _UPSERT_GROUPS = _upsert_sql("groups", _GROUP_TYPES, "group_id")
 _UPSERT_NAMES = _upsert_sql("task_names", _NAME_TYPES, "name")
 _UPSERT_WORKERS = _upsert_sql("workers", WORKER_COLUMNS, "hostname")
-
-_INSERT_CHANGES = """
-INSERT INTO ledger.changes (seq, kind, key, data)
-SELECT s, k, key, d::jsonb FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) AS u(s, k, key, d)
-"""
 
 _WRITE_CHECKPOINT = """
 INSERT INTO ledger.checkpoints (projection, seq, updated_at)
@@ -172,56 +170,145 @@ def _columns(rows: Sequence[dict[str, Any]], columns: dict[str, str]) -> list[li
     return arrays
 
 
-def _dump(row: dict[str, Any]) -> str:
-    return orjson.dumps(row).decode()
+_CHANGES_FROM = {
+    # kind -> (table, key column): the change row's data is the stored row, as JSON
+    "task": ("tasks", "task_id"),
+    "group": ("groups", "group_id"),
+    "worker": ("workers", "hostname"),
+}
+_INSERT_CHANGES_FROM = {
+    kind: f"""
+INSERT INTO ledger.changes (seq, kind, key, data)
+SELECT u.seq, '{kind}', t.{key}, to_jsonb(t)
+FROM unnest($1::text[], $2::int8[]) AS u(key, seq) JOIN ledger.{table} t ON t.{key} = u.key
+"""
+    for kind, (table, key) in _CHANGES_FROM.items()
+}
 
 
-async def write_batch(conn: asyncpg.Connection, fold: Fold, checkpoint: int, *, changes: bool = True) -> int:
-    """Write what ``fold`` changed, the checkpoint and the change feed; call in a transaction.
+async def connect(dsn: str) -> asyncpg.Connection:
+    """A connection for the projector: jsonb in binary format, so new task rows can be
+    written with COPY (asyncpg's binary COPY needs a binary codec for every column)."""
+    conn = await db.connect(dsn)
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: b"\x01" + orjson.dumps(value),
+        decoder=lambda data: orjson.loads(data[1:]),
+        format="binary",
+    )
+    return conn
 
-    Returns the number of change rows written."""
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """Everything one batch writes, serialised from the fold: once prepared, the fold may
+    move on (rebuild folds the next batch while this one is being written)."""
+
+    previous: int  # the checkpoint the stored rows reflect
+    checkpoint: int  # the checkpoint this batch brings them to
+    new_tasks: list[tuple[Any, ...]] = field(default_factory=list)
+    statements: list[tuple[str, list[list[Any]]]] = field(default_factory=list)
+    changes: list[tuple[str, list[str], list[int]]] = field(default_factory=list)
+
+
+def prepare_batch(fold: Fold, previous: int, checkpoint: int, *, changes: bool = True) -> PreparedBatch:
+    """Serialise what ``fold`` changed since the last batch.
+
+    A task first seen after ``previous`` cannot be stored yet (one writer, fenced by the
+    checkpoint), so new tasks go by COPY and only the others by upsert."""
+    batch = PreparedBatch(previous, checkpoint)
     changed_tasks, changed_groups, changed_workers, changed_names = fold.take_changed()
-    feed_seq: list[int] = []
-    feed_kind: list[str] = []
-    feed_key: list[str] = []
-    feed_data: list[str] = []
-
-    def feed(kind: str, key: str, seq: int, row: dict[str, Any]) -> None:
-        feed_seq.append(seq)
-        feed_kind.append(kind)
-        feed_key.append(key)
-        feed_data.append(_dump(row))
-
     if changed_tasks:
-        rows = [task_row_out(fold.tasks[k]) for k in changed_tasks]
-        await conn.execute(_UPSERT_TASKS, *_columns(rows, TASK_COLUMNS))
-        if changes:
-            for row in rows:
-                feed("task", row["task_id"], changed_tasks[row["task_id"]], row)
+        tasks = fold.tasks
+        old = []
+        for key in changed_tasks:
+            row = task_row_out(tasks[key])
+            if row["first_seq"] > previous:
+                batch.new_tasks.append(tuple(row.values()))
+            else:
+                old.append(row)
+        if old:
+            batch.statements.append((_UPSERT_TASKS, _columns(old, TASK_COLUMNS)))
     if changed_groups:
         rows = [group_row_out(fold.groups[k]) for k in changed_groups]
-        await conn.execute(_UPSERT_GROUPS, *_columns(rows, _GROUP_TYPES))
-        if changes:
-            for row in rows:
-                feed("group", row["group_id"], changed_groups[row["group_id"]], row)
+        batch.statements.append((_UPSERT_GROUPS, _columns(rows, _GROUP_TYPES)))
     if changed_workers:
         rows = [worker_row_out(fold.workers[k]) for k in changed_workers]
-        await conn.execute(_UPSERT_WORKERS, *_columns(rows, WORKER_COLUMNS))
-        if changes:
-            for row in rows:
-                feed("worker", row["hostname"], changed_workers[row["hostname"]], row)
+        batch.statements.append((_UPSERT_WORKERS, _columns(rows, WORKER_COLUMNS)))
     if changed_names:
         rows = [name_row_out(fold.task_names[k]) for k in changed_names]
-        await conn.execute(_UPSERT_NAMES, *_columns(rows, _NAME_TYPES))
-    if feed_seq:
-        await conn.execute(_INSERT_CHANGES, feed_seq, feed_kind, feed_key, feed_data)
-    await conn.execute(_WRITE_CHECKPOINT, list(PROJECTIONS), checkpoint)
-    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(checkpoint))
-    return len(feed_seq)
+        batch.statements.append((_UPSERT_NAMES, _columns(rows, _NAME_TYPES)))
+    if changes:
+        for kind, changed in (("task", changed_tasks), ("group", changed_groups), ("worker", changed_workers)):
+            if changed:
+                batch.changes.append((_INSERT_CHANGES_FROM[kind], list(changed), list(changed.values())))
+    return batch
+
+
+async def commit_batch(conn: asyncpg.Connection, batch: PreparedBatch) -> None:
+    """Write a prepared batch, its change feed and checkpoint in one transaction, after
+    checking (FOR UPDATE) that the stored checkpoint is the one the batch was folded on;
+    the commit NOTIFYs ``ledger_changes``."""
+    async with conn.transaction():
+        stored = await read_checkpoint(conn, for_update=True)
+        if stored != batch.previous:
+            raise CheckpointMoved(f"checkpoint is {stored}, expected {batch.previous}")
+        if batch.new_tasks:
+            await conn.copy_records_to_table(
+                "tasks", schema_name="ledger", columns=list(TASK_COLUMNS), records=batch.new_tasks
+            )
+        for statement, arrays in batch.statements:
+            await conn.execute(statement, *arrays)
+        for statement, keys, seqs in batch.changes:  # after the rows: data is the stored row
+            await conn.execute(statement, keys, seqs)
+        await conn.execute(_WRITE_CHECKPOINT, list(PROJECTIONS), batch.checkpoint)
+        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(batch.checkpoint))
 
 
 async def truncate_all(conn: asyncpg.Connection) -> None:
     await conn.execute("TRUNCATE " + ", ".join(f"ledger.{t}" for t in ALL_TABLES))
+
+
+#: Tables whose secondary indexes a rebuild drops and recreates (the large ones).
+REBUILD_INDEXED_TABLES = ("tasks", "changes")
+
+_SECONDARY_INDEXES = """
+SELECT i.indexname, i.indexdef FROM pg_indexes i
+WHERE i.schemaname = 'ledger' AND i.tablename = ANY($1::text[])
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint c
+                  WHERE c.conname = i.indexname AND c.connamespace = 'ledger'::regnamespace)
+ORDER BY i.indexname
+"""
+
+
+async def drop_secondary_indexes(conn: asyncpg.Connection) -> list[str]:
+    """Drop the non-constraint indexes of the big tables, keeping their definitions in
+    ledger.rebuild_dropped_indexes (same transaction) until :func:`restore_indexes`."""
+    async with conn.transaction():
+        indexes = await conn.fetch(_SECONDARY_INDEXES, list(REBUILD_INDEXED_TABLES))
+        await conn.executemany(
+            "INSERT INTO ledger.rebuild_dropped_indexes (name, definition) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            [(r["indexname"], r["indexdef"]) for r in indexes],
+        )
+        for r in indexes:
+            await conn.execute(f'DROP INDEX ledger."{r["indexname"]}"')
+    return [r["indexname"] for r in indexes]
+
+
+async def restore_indexes(conn: asyncpg.Connection) -> list[str]:
+    """Recreate every index a rebuild dropped (also after a rebuild died half way)."""
+    restored = []
+    for r in await conn.fetch("SELECT name, definition FROM ledger.rebuild_dropped_indexes ORDER BY name"):
+        async with conn.transaction():
+            exists = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = 'ledger' AND indexname = $1)", r["name"]
+            )
+            if not exists:
+                await conn.execute(r["definition"])  # pg_get_indexdef() output, as PostgreSQL wrote it
+            await conn.execute("DELETE FROM ledger.rebuild_dropped_indexes WHERE name = $1", r["name"])
+        restored.append(r["name"])
+    return restored
 
 
 __all__ = [
@@ -229,6 +316,12 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "PROJECTIONS",
     "CheckpointMoved",
+    "commit_batch",
+    "connect",
+    "prepare_batch",
+    "PreparedBatch",
+    "drop_secondary_indexes",
+    "restore_indexes",
     "GROUP_COLUMNS",
     "NAME_COLUMNS",
     "event_parts",

@@ -184,6 +184,25 @@ def publish_amqp(exchange: str, n_events: int, rate: float | None, result) -> No
 
 # --- capture process ----------------------------------------------------------------------
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a local process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def backend_pids(dsn: str) -> list[int]:
+    """PostgreSQL backends connected to the bench database other than ours (capture's writer)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [r[0] for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")]
+    finally:
+        await conn.close()
+
+
 class CaptureProc:
     def __init__(self, broker_url: str, exchange: str, queue: str) -> None:
         self.log_path = Path(tempfile.mkstemp(prefix="bench-capture-", suffix=".log")[1])
@@ -209,8 +228,8 @@ class CaptureProc:
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
+
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGTERM)
@@ -252,6 +271,11 @@ async def scenario(broker: str, n_events: int, rate: float | None) -> dict:
     try:
         capture.wait_ready()
         cpu0 = capture.cpu_seconds()
+        for _ in range(200):  # capture's writer connects at start-up
+            if pg_pids := await backend_pids(dsn):
+                break
+            await asyncio.sleep(0.05)
+        pg_cpu0 = sum(cpu_seconds(pid) for pid in pg_pids)
         result: mp.Queue = mp.Queue()
         target = publish_redis if broker == "redis" else publish_amqp
         publisher = mp.Process(target=target, args=(exchange, n_events, rate, result))
@@ -277,6 +301,7 @@ async def scenario(broker: str, n_events: int, rate: float | None) -> dict:
         await conn.close()
         rss = capture.peak_rss_mb()
         cpu = capture.cpu_seconds() - cpu0
+        pg_cpu = sum(cpu_seconds(pid) for pid in pg_pids) - pg_cpu0
     finally:
         log = capture.stop()
         if broker == "amqp":
@@ -297,6 +322,7 @@ async def scenario(broker: str, n_events: int, rate: float | None) -> dict:
         "lag_after_publish": float(row["last"]) - end_publish,
         "rss_mb": rss,
         "cpu_s": cpu,
+        "pg_cpu_s": pg_cpu,
     }
 
 
@@ -304,13 +330,15 @@ def fmt(r: dict) -> str:
     return (
         f"| {r['broker']} | {r['kind']} | {r['published']:,} ({r['messages']:,} msgs) | {r['publish_rate']:,.0f} | "
         f"{r['commit_rate']:,.0f} | {r['lost']:,} | {r['duplicates']} ({r['skipped']} skipped) | "
-        f"{r['lag_after_publish']:+.2f} s | {r['cpu_s']:.1f} s | {r['rss_mb']:.0f} MB |"
+        f"{r['lag_after_publish']:+.2f} s | {r['cpu_s'] / r['stored'] * 1e6:.0f} µs | "
+        f"{r['pg_cpu_s'] / r['stored'] * 1e6:.0f} µs | {r['rss_mb']:.0f} MB |"
     )
 
 
 HEADER = (
     "| broker | scenario | events published | publish ev/s | committed ev/s | lost | duplicates stored | "
-    "last commit vs publish end | capture CPU | capture peak RSS |\n|---|---|---|---|---|---|---|---|---|---|"
+    "last commit vs publish end | capture CPU/event | PostgreSQL CPU/event | capture peak RSS |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 

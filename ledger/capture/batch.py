@@ -140,6 +140,14 @@ class Writer:
         self.stats = Stats()
         self.backoff = db.Backoff(base=0.1, cap=5.0)
 
+    async def connect(self) -> None:
+        """Connect now (so a wrong DSN shows at start-up); ``write`` reconnects as needed."""
+        try:
+            self.conn = await db.connect(self.dsn)
+            log.info("capture: connected to PostgreSQL")
+        except Exception as exc:  # noqa: BLE001 - write() retries with backoff
+            log.warning("capture: PostgreSQL not reachable yet (%s: %s)", type(exc).__name__, exc)
+
     async def write(self, batch: Batch, give_up_at: Callable[[], float | None] = lambda: None) -> bool:
         """Commit ``batch``; True once committed, False if ``give_up_at()`` passed first."""
         while True:

@@ -114,6 +114,7 @@ class Capture:
 
     async def _write_loop(self, flushing: asyncio.Event, give_up: list[float]) -> None:
         deadline = lambda: give_up[0] if give_up else None  # noqa: E731
+        await self.writer.connect()
         while (batch := await self.batcher.next_batch(flushing)) is not None:
             if await self.writer.write(batch, deadline) and batch.ack is not None:
                 await batch.ack()

@@ -119,3 +119,25 @@ async def test_rebuild_without_progress_and_on_an_empty_log(database_url):
     assert done.returncode == 0, done.stderr
     assert "rebuild [" not in done.stderr
     assert "from 0 events" in done.stdout
+
+
+async def test_indexes_a_dead_rebuild_dropped_come_back(database_url, conn):
+    from ledger.projections.store import connect, drop_secondary_indexes
+
+    async def index_names() -> set[str]:
+        rows = await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = 'ledger' AND tablename IN ('tasks', 'changes')")
+        return {r[0] for r in rows}
+
+    before = await index_names()
+    assert {"tasks_state_last_seq", "tasks_group", "changes_kind_key_seq"} <= before
+    writer = await connect(database_url)
+    try:
+        dropped = await drop_secondary_indexes(writer)  # as a rebuild does, then "dies"
+    finally:
+        await writer.close()
+    assert "tasks_state_last_seq" in dropped and "tasks_pkey" not in dropped
+    assert await index_names() == before - set(dropped)
+    await append_events(conn, task_events())
+    await Projector(Settings(database_url=database_url)).catch_up()  # a new projector term
+    assert await index_names() == before
+    assert await conn.fetchval("SELECT count(*) FROM ledger.rebuild_dropped_indexes") == 0

@@ -30,8 +30,8 @@ callback, its last task: the id of the chord's ``AsyncResult``). Celery itself g
 callback the header's group id and no group index, so a task with ``group_id`` and
 ``group_index`` None is a chord callback, not a member. Tasks outside groups and chords get no
 extra fields and no extra events. Calling ``instrument`` twice is
-harmless. Tasks whose class sets its own ``Request`` keep it (they still get
-``ledger-task-meta`` and annotated ``task-sent``).
+harmless. A task class with its own ``Request`` keeps it: ``celery worker`` subclasses it at
+start-up (its ``send_event`` still runs).
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ def instrument(app: celery.Celery) -> celery.Celery:
     app.conf.worker_send_task_events = True
     _annotate_sent_events(app)
     _annotate_worker_events(app)
+    signals.celeryd_after_setup.connect(
+        functools.partial(_on_worker_setup, weakref.ref(app)),
+        weak=False,
+        dispatch_uid=f"ledger.celery.request.{id(app)}",
+    )
     signals.task_received.connect(
         functools.partial(_on_task_received, weakref.ref(app)),
         weak=False,
@@ -175,6 +180,18 @@ def _annotate_worker_events(app: celery.Celery) -> None:
     # a task class sets its own; the worker resolves task.Request when its consumer starts.
     task_cls = app.Task
     task_cls.Request = _request_class(symbol_by_name(task_cls.Request))
+
+
+def _on_worker_setup(app_ref: weakref.ref, sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """`celery worker` is set up, its consumer not yet started: give every registered task
+    (custom bases and custom Request classes too) the annotating Request."""
+    app = app_ref()
+    if app is None or getattr(instance, "app", None) is not app:
+        return
+    for task in app.tasks.values():
+        request_cls = _request_class(symbol_by_name(task.Request))
+        if task.Request is not request_cls:
+            task.Request = request_cls
 
 
 # -- worker side: ledger-task-meta at receipt -------------------------------------------

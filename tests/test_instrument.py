@@ -90,10 +90,11 @@ def test_real_worker_sends_group_and_chord_membership(
                              task_events=task_events)
     app = make_app(config)
     add, tsum = app.tasks["workload.add"], app.tasks["workload.tsum"]
+    custom_add = app.tasks["workload.custom_add"]  # its own base class and Request
 
     with EventCollector(broker_url, event_exchange) as collector, running_worker(config):
         plain = add.delay(1, 2)
-        grouped = group(add.s(i, i) for i in range(3)).apply_async()
+        grouped = group(custom_add.s(i, i) for i in range(3)).apply_async()
         callback = chord(add.s(i, 1) for i in range(2))(tsum.s())
         header = callback.parent
         chained = (add.s(1, 1) | add.s(2)).apply_async()
@@ -130,6 +131,8 @@ def test_real_worker_sends_group_and_chord_membership(
         assert len(worker_events) == (2 if task_events else 0)
         for e in worker_events:
             assert (e["group_id"], e["group_index"], e.get("chord_id")) == (group_id, index, chord_id)
+            # The custom Request still runs under instrument's.
+            assert e.get("custom_request", False) is (group_id == grouped.id)
 
     # Celery gives the chord callback the header's group id (no index); it feeds no chord.
     [callback_meta] = meta[callback.id]

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, Task
 from celery.app.events import Events
 from celery.events.dispatcher import EventDispatcher
+from celery.worker.request import Request
 
 from ledger.celery import instrument
 
@@ -119,7 +120,25 @@ def make_app(config: WorkloadConfig, main: str = "workload") -> Celery:
     return app
 
 
+class CountingRequest(Request):
+    """A user's own Request class (instrument must keep it and still annotate events)."""
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        fields.setdefault("custom_request", True)
+        super().send_event(type, **fields)
+
+
+class CustomTask(Task):
+    """A user's task base that is not app.Task, with its own Request."""
+
+    Request = CountingRequest
+
+
 def register_tasks(app: Celery) -> None:
+    @app.task(name="workload.custom_add", base=CustomTask, shared=False)
+    def custom_add(x: int, y: int) -> int:
+        return x + y
+
     @app.task(name="workload.add", shared=False)
     def add(x: int, y: int) -> int:
         return x + y

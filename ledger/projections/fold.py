@@ -106,7 +106,24 @@ class Fold:
             task_id = payload.get("uuid")
             if type(task_id) is not str or not subject:
                 return
-            self._task_event(task_id, subject, payload, seq, recorded_at)
+            row = self.tasks.get(task_id)
+            if row is None:
+                row = self.tasks[task_id] = new_task_row(task_id, seq)
+            old_name, old_group, old_state = row["name"], row["group_id"], row["state"]
+            apply_task_event(row, subject, payload, seq)
+            self.changed_tasks[task_id] = seq
+            timestamp = payload.get("timestamp")
+            if type(timestamp) is not float:
+                timestamp = to_float(timestamp)
+            if subject != "sent":  # a worker's event: it is alive (task-sent comes from a client)
+                hostname = payload.get("hostname")
+                if type(hostname) is str:
+                    worker = self.workers.get(hostname)
+                    if worker is None:
+                        worker = self.workers[hostname] = new_worker_row(hostname, seq)
+                    sign_of_life(worker, timestamp, recorded_at, seq)
+                    self.changed_workers[hostname] = seq
+            self._after_task(row, old_name, old_group, old_state, timestamp, seq)
         elif family == "worker":
             hostname = payload.get("hostname")
             if type(hostname) is not str or not subject:
@@ -120,11 +137,13 @@ class Fold:
             task_id = payload.get("uuid")
             if type(task_id) is not str:
                 return
-            row = self._task_row(task_id, seq)
-            before = (row["name"], row["group_id"], row["state"])
+            row = self.tasks.get(task_id)
+            if row is None:
+                row = self.tasks[task_id] = new_task_row(task_id, seq)
+            old_name, old_group, old_state = row["name"], row["group_id"], row["state"]
             apply_task_meta(row, payload, seq)
             self.changed_tasks[task_id] = seq
-            self._after_task(row, before, None, seq)
+            self._after_task(row, old_name, old_group, old_state, None, seq)
 
     def apply_records(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Apply log rows (``seq``, ``type``, ``payload``, optional ``recorded_at``) in order."""
@@ -132,48 +151,32 @@ class Fold:
             seq, type_, payload, recorded_at = event_parts(record)
             self.apply(seq, type_, payload, recorded_at)
 
-    def _task_row(self, task_id: str, seq: int) -> dict[str, Any]:
-        row = self.tasks.get(task_id)
-        if row is None:
-            row = self.tasks[task_id] = new_task_row(task_id, seq)
-        return row
-
-    def _task_event(
-        self, task_id: str, subject: str, payload: dict[str, Any], seq: int, recorded_at: float | None
+    def _after_task(
+        self, row: dict[str, Any], old_name: Any, old_group: Any, old_state: str, timestamp: float | None, seq: int
     ) -> None:
-        row = self._task_row(task_id, seq)
-        before = (row["name"], row["group_id"], row["state"])
-        apply_task_event(row, subject, payload, seq)
-        self.changed_tasks[task_id] = seq
-        timestamp = to_float(payload.get("timestamp"))
-        if subject != "sent":  # a worker's event: it is alive (task-sent comes from a client)
-            hostname = payload.get("hostname")
-            if type(hostname) is str:
-                worker = self.workers.get(hostname)
-                if worker is None:
-                    worker = self.workers[hostname] = new_worker_row(hostname, seq)
-                sign_of_life(worker, timestamp, recorded_at, seq)
-                self.changed_workers[hostname] = seq
-        self._after_task(row, before, timestamp, seq)
-
-    def _after_task(self, row: dict[str, Any], before: tuple[Any, Any, str], timestamp: float | None, seq: int) -> None:
         """Keep task names and groups in step with the task row just changed."""
-        old_name, old_group, old_state = to_text(before[0]), to_text(before[1]), before[2]
-        name, group_id, state = to_text(row["name"]), to_text(row["group_id"]), row["state"]
+        name = row["name"]
         if name is not None or old_name is not None:
-            if name != old_name:
-                if old_name is not None:
-                    self._name_row(old_name, seq)["tasks"] -= 1
-                    self.changed_names[old_name] = seq
+            name = to_text(name)
+            if name is not old_name:
+                old_name = to_text(old_name)
+            if name != old_name and old_name is not None:
+                self._name_row(old_name, seq)["tasks"] -= 1
+                self.changed_names[old_name] = seq
             if name is not None:
-                named = self._name_row(name, seq)
+                named = self.task_names.get(name)
+                if named is None:
+                    named = self.task_names[name] = new_name_row(name, seq)
                 if name != old_name:
                     named["tasks"] += 1
-                _seen(named, timestamp)
+                if timestamp is not None:
+                    _seen(named, timestamp)
                 named["last_seq"] = seq
                 self.changed_names[name] = seq
+        group_id = row["group_id"]
         if group_id is None and old_group is None:
             return
+        group_id, old_group, state = to_text(group_id), to_text(old_group), row["state"]
         if group_id != old_group and old_group is not None:
             left = self._group_row(old_group, seq)
             left["size"] -= 1

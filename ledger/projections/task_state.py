@@ -135,6 +135,8 @@ _FIELD_ACTION: dict[str, int] = {
 }
 
 _RETRY = states.RETRY
+_rank = _PRECEDENCE.get
+_CUSTOM = _CUSTOM_PRECEDENCE
 
 
 def new_task_row(task_id: str, seq: int) -> dict[str, Any]:
@@ -173,7 +175,7 @@ def apply_task_event(row: dict[str, Any], subject: str, fields: dict[str, Any], 
     else:
         state = subject.upper()  # a custom state
     current = row["state"]
-    if state != _RETRY and current != _RETRY and precedence(state) > precedence(current):
+    if state != _RETRY and current != _RETRY and _rank(state, _CUSTOM) > _rank(current, _CUSTOM):
         # This state logically happens before the current one: keep the state, merge.
         _merge(row, fields, MERGE_RULES.get(state))
     else:

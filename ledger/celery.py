@@ -37,6 +37,7 @@ start-up (its ``send_event`` still runs).
 from __future__ import annotations
 
 import functools
+import itertools
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,13 +46,15 @@ import celery
 from celery import signals
 from celery.utils.imports import symbol_by_name
 
-__all__ = ["META_EVENT", "instrument", "is_instrumented", "task_membership"]
+__all__ = ["META_EVENT", "LedgerRequestMixin", "instrument", "is_instrumented", "signature_id", "task_membership"]
 
 #: Type of the event a worker sends on receiving a task that is in a group or chord.
 META_EVENT = "ledger-task-meta"
 META_GROUP = "ledger"
 
 _instrumented: weakref.WeakSet[celery.Celery] = weakref.WeakSet()
+# Signal receivers are told apart by dispatch_uid; id(app) could be reused after an app is gone.
+_uids = itertools.count(1)
 
 
 def instrument(app: celery.Celery) -> celery.Celery:
@@ -62,16 +65,20 @@ def instrument(app: celery.Celery) -> celery.Celery:
     app.conf.worker_send_task_events = True
     _annotate_sent_events(app)
     _annotate_worker_events(app)
+    uid = next(_uids)
     signals.celeryd_after_setup.connect(
         functools.partial(_on_worker_setup, weakref.ref(app)),
         weak=False,
-        dispatch_uid=f"ledger.celery.request.{id(app)}",
+        dispatch_uid=f"ledger.celery.request.{uid}",
     )
     signals.task_received.connect(
         functools.partial(_on_task_received, weakref.ref(app)),
         weak=False,
-        dispatch_uid=f"ledger.celery.meta.{id(app)}",
+        dispatch_uid=f"ledger.celery.meta.{uid}",
     )
+    # The receivers hold only a weak reference to the app; drop them when the app goes.
+    weakref.finalize(app, signals.celeryd_after_setup.disconnect, dispatch_uid=f"ledger.celery.request.{uid}")
+    weakref.finalize(app, signals.task_received.disconnect, dispatch_uid=f"ledger.celery.meta.{uid}")
     _instrumented.add(app)
     return app
 

@@ -14,7 +14,11 @@ or step by step::
     events = witness(config)                    # every event every dispatcher published
 
 ``workload.tasks`` maps each task id to what is expected of it (state, retries, group, chord);
-``backend_report(app, workload)`` says what Celery's own result backend holds.
+``backend_report(app_or_config, workload)`` says what Celery's own result backend holds.
+
+Call ``cleanup(config)`` before and after (task queue, witness list). On Redis, events are
+pub/sub: have capture subscribed (``running_capture`` returns once it is) before the worker
+starts, or its worker-online is lost. ``EventCollector`` is a plain Celery receiver in a thread.
 """
 
 from __future__ import annotations

@@ -65,12 +65,10 @@ def decode_cursor(cursor: str, order: str) -> tuple[int, str]:
 
 def task_filter_sql(q: TaskListQuery, p: Params) -> list[str]:
     where: list[str] = []
-    if q.state:
-        where.append(f"state = ANY({p(q.state)}::text[])")
-    if q.name:
-        where.append(f"name = ANY({p(q.name)}::text[])")
-    if q.worker:
-        where.append(f"worker = ANY({p(q.worker)}::text[])")
+    for column, values in (("state", q.state), ("name", q.name), ("worker", q.worker)):
+        if values:
+            # one value: plain equality, so an index on (column, first_seq) also gives the order
+            where.append(f"{column} = {p(values[0])}" if len(values) == 1 else f"{column} = ANY({p(values)}::text[])")
     for field, column in (("queue", "queue"), ("group", "group_id"), ("root", "root_id"), ("parent", "parent_id")):
         value = getattr(q, field)
         if value is not None:

@@ -223,6 +223,15 @@ def wait_log(proc: subprocess.Popen, path: Path, pattern: str, timeout: float = 
     raise TimeoutError(path.read_text(errors="replace"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a local process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     now = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
@@ -316,6 +325,9 @@ def main() -> None:
         time.sleep(warmup)  # warm-up: publishing, not measured
         window_end = time.time() + args.seconds
         stop_at.value = window_end
+        watched = {"replica": serve.pid, "capture": capture.pid, "projector": projector.pid,
+                   "publisher": publisher.pid, **{f"clients {i}": p.pid for i, p in enumerate(clients)}}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
         rss_samples = []
         poll_s = None
         while time.time() < window_end:
@@ -323,6 +335,7 @@ def main() -> None:
             if poll_s is None and time.time() > window_end - args.seconds / 2:
                 poll_s = asyncio.run(poll_latency(f"http://127.0.0.1:{port}", token))
             time.sleep(0.5)  # sampling the replica's memory
+        cpu = {name: (cpu_seconds(pid) - cpu_before[name]) / args.seconds for name, pid in watched.items()}
         sent, pub_seconds = published.get(timeout=60)
         latencies: list[float] = []
         log_latencies: list[float] = []
@@ -357,6 +370,8 @@ def main() -> None:
     print(f"raw log push (capture + hub, no projector): p50 {log_p50:.1f} ms, p99 {log_p99:.1f} ms")
     print(f"replica RSS: {rss_idle:.0f} MB idle with clients, max sampled {max(rss_samples):.0f} MB, "
           f"peak (VmHWM) {rss_peak:.0f} MB")
+    cpu_text = ", ".join(f"{name} {share * 100:.0f}%" for name, share in cpu.items())
+    print(f"CPU during the window (of one core): {cpu_text}; load average {os.getloadavg()[0]:.1f}")
     print(f"polling every 1 s instead: 500 ms mean wait + {poll_ms:.1f} ms per request (median under this load)")
 
     verdict = lambda ok: "met" if ok else "**not met**"  # noqa: E731
@@ -381,6 +396,7 @@ produced; {args.seconds:.0f} s measured after a 3 s warm-up.
 | sockets dropped during the run | {counts['closed']} | 0 |
 | polling every 1 s instead | 500 ms mean wait + {poll_ms:.1f} ms per request | |
 
+CPU during the window (share of one core): {cpu_text}; machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.
 Connecting {args.clients} clients (handshake, auth, subscribe, snapshot, live) took {connect_s:.1f} s.
 """
     if not args.no_write:

@@ -119,3 +119,47 @@ async def test_openapi_describes_every_route(api_server: ApiServer) -> None:
     assert {"state", "name", "worker", "queue", "group", "root", "search", "cursor", "limit"} <= {
         p["name"] for p in tasks["parameters"]}
     assert set(schemas["FlowerTaskInfo"]["properties"]) >= {"task-id", "worker", "clock"}
+
+
+async def test_unknown_paths_and_methods_answer_json(api_server: ApiServer) -> None:
+    async with api_server.client("read") as http:
+        r = await http.get("/v2/nothing")
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+        r = await http.post("/v1/tasks")
+        assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+async def test_ledger_serve_runs_uvicorn_and_stops_on_sigterm(database_url: str) -> None:
+    import asyncio
+    import os
+    import signal
+    import sys
+    import time
+
+    import httpx
+
+    from tests.support.api import free_socket
+
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ, LEDGER_DATABASE_URL=database_url, LEDGER_LOG_LEVEL="warning")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ledger", "serve", "--port", str(port), env=env)
+    try:
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            while True:
+                try:
+                    r = await http.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline and proc.returncode is None, "ledger serve did not come up"
+                    await asyncio.sleep(0.05)
+            assert r.status_code == 200
+            assert (await http.get("/v1/tasks")).status_code == 401  # auth is on by default
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -66,6 +67,21 @@ async def serve(
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    """`ledger serve`: serve until SIGINT or SIGTERM, finish in-flight requests, exit 0."""
     settings.require_database()
-    uvicorn.Server(_config(create_app(settings), settings)).run()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    try:
+        import uvloop  # what uvicorn would pick itself (uvicorn[standard]); the API is faster on it
+    except ImportError:
+        asyncio.run(main())
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
     return 0

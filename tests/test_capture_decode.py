@@ -183,3 +183,21 @@ def test_base64_body_roundtrip_matches_kombu_envelope():
     body = json.dumps(celery_event("worker-online")).encode()
     envelope = orjson.loads(redis_envelope(body, "worker.online", "x"))
     assert base64.b64decode(envelope["body"]) == body
+
+
+def test_a_decoder_failure_quarantines_the_whole_message_instead_of_raising():
+    # Real trigger: kwargs nested deeper than Python's recursion limit; orjson parses it
+    # (its limit is 1024) but redaction walks it recursively and hits RecursionError.
+    deep = "[" * 1020 + "]" * 1020
+    ok = json.dumps(celery_event("task-started", uuid="ok"))
+    bad = json.dumps(celery_event("task-sent", uuid="deep"))[:-1] + f', "kwargs": {deep}}}'
+    raw = f"[{ok}, {bad}]".encode()
+    assert orjson.loads(raw)  # valid JSON
+    events, (rejected,) = decode(raw, redact_fields=["password"])
+    assert events == []  # the good element of a failed message is not half-stored...
+    assert rejected.raw == raw and "capture failed to decode it: RecursionError" in rejected.reason
+    # Without redaction only the deep element is refused (jsonb nesting has limits too)
+    events, (rejected,) = decode(raw)
+    assert [e.task_id for e in events] == ["ok"]
+    assert rejected.reason.startswith("element 1 of the list: cannot be stored as JSON")
+    assert rejected.raw == raw  # it cannot be re-encoded alone: the whole message is kept

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 from collections.abc import Iterable
 from hashlib import blake2b
@@ -24,6 +25,7 @@ import orjson
 from ledger.capture.redact import Redactor
 from ledger.log.recorder import Event, Rejected
 
+log = logging.getLogger(__name__)
 _MAX_CLOCK = 2**63 - 1
 _NUMBER = (int, float)
 # Optional fields Celery sends, with the types it sends them as; present -> must match.
@@ -80,6 +82,36 @@ def check(event: object) -> str | None:
     return None
 
 
+_INF = math.inf
+_OPTIONAL_ITEMS = tuple(_OPTIONAL.items())
+_MISSING = object()
+
+
+def _looks_valid(event: object) -> bool:
+    """The fast path of ``check`` for well-formed events (the vast majority): same rules,
+    fewer calls. Anything it does not accept goes through ``check`` for the reason."""
+    if type(event) is not dict:
+        return False
+    get = event.get
+    etype, hostname, ts, clock = get("type"), get("hostname"), get("timestamp"), get("clock")
+    if type(etype) is not str or not etype or type(hostname) is not str:
+        return False
+    tt = type(ts)
+    if (tt is not float and tt is not int) or not -_INF < ts < _INF:
+        return False
+    if type(clock) is not int or clock < 0 or clock > _MAX_CLOCK:
+        return False
+    if etype.startswith("task-"):
+        uuid = get("uuid")
+        if type(uuid) is not str or not uuid:
+            return False
+    for field, types in _OPTIONAL_ITEMS:
+        value = get(field, _MISSING)
+        if value is not _MISSING and type(value) not in types:
+            return False
+    return True
+
+
 class _NonFinite(str):
     """NaN/Infinity as parsed by the stdlib fallback: JSON (and jsonb) cannot store them."""
 
@@ -100,8 +132,12 @@ def _dumps(event: object) -> bytes | None:
         return None
 
 
-def _raw(event: object) -> bytes:
-    return _dumps(event) or json.dumps(event, default=repr).encode()
+def _raw(event: object, message: bytes) -> bytes:
+    """Bytes to quarantine for one element: the element re-encoded, else the whole message."""
+    try:
+        return _dumps(event) or json.dumps(event, default=repr).encode()
+    except (ValueError, TypeError, RecursionError):
+        return message
 
 
 def _clean(text: str | None) -> str | None:
@@ -116,11 +152,44 @@ class Decoder:
         self.source = source
         self.max_event_bytes = max_event_bytes
         self.redactor = Redactor(redact_fields)
+        self._redact = bool(self.redactor)
 
     def reject(self, rejects: list[Rejected], routing_key: str | None, reason: str, raw: bytes) -> None:
         rejects.append(Rejected(self.source, _clean(routing_key), _clean(reason), raw))
 
     def body(
+        self,
+        body: bytes,
+        routing_key: str | None,
+        events: list[Event],
+        rejects: list[Rejected],
+        content_type: str | None = None,
+    ) -> None:
+        """Decode one message body (a JSON event or a JSON list of events)."""
+        n_events, n_rejects = len(events), len(rejects)
+        try:
+            self._body(body, routing_key, events, rejects, content_type)
+        except Exception as exc:  # noqa: BLE001 - never die on bad input
+            self._failed(exc, body, routing_key, events, rejects, n_events, n_rejects)
+
+    def redis_message(self, data: bytes, channel: bytes, events: list[Event], rejects: list[Rejected]) -> None:
+        """Decode a kombu Redis fan-out envelope: JSON with a (usually base64) ``body``."""
+        n_events, n_rejects = len(events), len(rejects)
+        try:
+            self._redis_message(data, channel, events, rejects)
+        except Exception as exc:  # noqa: BLE001 - never die on bad input
+            rk = channel.rpartition(b"/")[2].decode("utf-8", "replace") or None
+            self._failed(exc, data, rk, events, rejects, n_events, n_rejects)
+
+    def _failed(self, exc: Exception, raw: bytes, routing_key: str | None, events: list[Event],
+                rejects: list[Rejected], n_events: int, n_rejects: int) -> None:
+        # A decoder bug must not stop capture nor half-store a message: drop what this
+        # message added and quarantine it whole, raw.
+        log.exception("capture: decoding a message failed; quarantining it")
+        del events[n_events:], rejects[n_rejects:]
+        self.reject(rejects, routing_key, f"capture failed to decode it: {type(exc).__name__}: {exc}", raw)
+
+    def _body(
         self,
         body: bytes,
         routing_key: str | None,
@@ -145,9 +214,9 @@ class Decoder:
             if not parsed:
                 self.reject(rejects, routing_key, "empty list of events", body)
             for index, element in enumerate(parsed):
-                self._element(element, routing_key, events, rejects, f"element {index} of the list: ")
+                self._element(element, routing_key, events, rejects, f"element {index} of the list: ", body)
         else:
-            self._element(parsed, routing_key, events, rejects, "", body)
+            self._element(parsed, routing_key, events, rejects, "", body, body)
 
     def _element(
         self,
@@ -156,20 +225,24 @@ class Decoder:
         events: list[Event],
         rejects: list[Rejected],
         where: str,
+        message: bytes,
         raw: bytes | None = None,
     ) -> None:
-        reason = check(event)
+        """One event: ``raw`` is its exact bytes when it was the whole message."""
+        reason = None if _looks_valid(event) else check(event)
         if reason is not None:
             if self.redactor and isinstance(event, dict):
                 raw = None  # quarantine keeps secrets out too: store the redacted element
                 event = self.redactor.event(event)
-            self.reject(rejects, routing_key, where + reason, raw if raw is not None else _raw(event))
+            self.reject(rejects, routing_key, where + reason, raw if raw is not None else _raw(event, message))
             return
-        if self.redactor:
+        if self._redact:
             event = self.redactor.event(event)  # type: ignore[arg-type]
-        payload = _dumps(event)
-        if payload is None:
-            self.reject(rejects, routing_key, f"{where}contains NaN or Infinity, which JSON cannot store", raw or _raw(event))
+        try:
+            payload = orjson.dumps(event, option=orjson.OPT_PASSTHROUGH_SUBCLASS)
+        except orjson.JSONEncodeError as exc:  # a NaN/Infinity marker, or nesting too deep
+            why = "contains NaN or Infinity, which JSON cannot store" if "_NonFinite" in str(exc) else f"cannot be stored as JSON: {exc}"
+            self.reject(rejects, routing_key, where + why, raw or _raw(event, message))
             return
         if len(payload) > self.max_event_bytes:
             self.reject(
@@ -194,7 +267,7 @@ class Decoder:
             )
         )
 
-    def redis_message(self, data: bytes, channel: bytes, events: list[Event], rejects: list[Rejected]) -> None:
+    def _redis_message(self, data: bytes, channel: bytes, events: list[Event], rejects: list[Rejected]) -> None:
         """Decode a kombu Redis fan-out envelope: JSON with a (usually base64) ``body``."""
         fallback_rk = _clean(channel.rpartition(b"/")[2].decode("utf-8", "replace")) or None
         try:
@@ -223,4 +296,4 @@ class Decoder:
         else:
             raw = body.encode()
         content_type = envelope.get("content-type")
-        self.body(raw, routing_key, events, rejects, content_type if isinstance(content_type, str) or content_type is None else repr(content_type))
+        self._body(raw, routing_key, events, rejects, content_type if isinstance(content_type, str) or content_type is None else repr(content_type))

@@ -202,3 +202,26 @@ async def test_raw_log_after_type_task_and_limit(loaded_api: Loaded) -> None:
     assert [e["type"] for e in one["events"]] == ["task-received", "task-revoked"]
     assert (await get_json(api, "/v1/events", 422, after=-1))["field"] == "after"
     assert (await get_json(api, "/v1/events", 422, limit=5001))["field"] == "limit"
+
+
+async def test_seq_at_finds_the_last_position_recorded_by_a_time(database_url: str, conn: asyncpg.Connection) -> None:
+    from ledger import db
+    from ledger.api.queries import seq_at
+    from tests.support.api import sample_workload
+
+    _, events = sample_workload()
+    pool = await db.create_pool(database_url)
+    try:
+        assert await seq_at(pool, 2e9) == 0  # empty log
+        marks, lasts = [], []
+        for i in range(0, len(events), 5):
+            marks.append((await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")))
+            lasts.append(await record(conn, events[i:i + 5]))
+            await record(conn, events[i:i + 2])  # duplicates: they burn seq values, leaving holes
+        end = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+        assert await seq_at(pool, marks[0]) == 0
+        for mark, last_before in zip(marks[1:], lasts):
+            assert await seq_at(pool, mark) == last_before
+        assert await seq_at(pool, end) == lasts[-1]
+    finally:
+        await pool.close()

@@ -163,11 +163,29 @@ async def log_position(conn: asyncpg.Pool) -> int:
     return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM ledger.events")
 
 
-async def seq_at(conn: asyncpg.Pool, when: float) -> int:
-    """The last log position recorded at or before `when` (epoch seconds)."""
-    return await conn.fetchval(
-        "SELECT coalesce(max(seq), 0) FROM ledger.events WHERE recorded_at <= to_timestamp($1)", when
-    )
+async def seq_at(pool: asyncpg.Pool, when: float) -> int:
+    """The last log position recorded at or before `when` (epoch seconds); 0 if none.
+
+    recorded_at rises with seq (it is taken while the append lock is held, so in commit
+    order), so a binary search over the primary key finds it in ~log2(n) index lookups;
+    the log has only a BRIN index on recorded_at, which cannot answer "the last one before".
+    """
+    async with pool.acquire() as conn:
+        lo, hi = await conn.fetchrow("SELECT min(seq), max(seq) FROM ledger.events")
+        if lo is None:
+            return 0
+        at = "SELECT seq, extract(epoch FROM recorded_at)::float8 AS t FROM ledger.events WHERE seq >= $1 ORDER BY seq LIMIT 1"
+        if (await conn.fetchrow(at, lo))["t"] > when:
+            return 0
+        # invariant: lo exists and was recorded by `when`; nothing after hi was
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            row = await conn.fetchrow(at, mid)
+            if row is not None and row["seq"] <= hi and row["t"] <= when:
+                lo = row["seq"]
+            else:
+                hi = mid - 1
+        return lo
 
 
 def now() -> float:

@@ -164,3 +164,45 @@ async def test_reconnecting_with_since_at_random_moments_loses_nothing_and_repea
     # leavers were announced across resumes too
     assert any(item[3] is False for item in pushed(flaky_seen, "running"))
     assert {item[4] for item in pushed(steady.messages, "failed")} == {"FAILURE"}
+
+
+async def test_a_replica_that_loses_its_database_connection_misses_nothing(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The hub's LISTEN connection is killed (PostgreSQL terminates the backend) three times
+    under a continuous stream: notifications are lost, the hub reconnects and reads on from
+    its cursor, and its clients still receive the whole change feed, once each."""
+    rng = random.Random(SEED + 1)
+    killer = await asyncpg.connect(database_url)  # `conn` is the producer's
+    async with running_api(database_url, stream_heartbeat=2.0) as api, running_projector(database_url):
+        hub = api.app.state.stream_hub
+        async with StreamClient.connect(api, name="watcher") as client:
+            await client.subscribe("all", "tasks", limit=0)
+            await client.subscribe("log", "log", types=["task-succeeded", "task-failed"])
+            await client.live("all")
+            await client.live("log")
+            producer = asyncio.create_task(produce(conn, rng))
+            kills = 0
+            while kills < 3:
+                mark = len(client.messages)
+                await client.wait_for(lambda m: m["type"] in ("changes", "event"), start=mark + 20)
+                pid = hub._listen.get_server_pid()
+                assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+                kills += 1
+                while hub._listen is None or hub._listen.get_server_pid() == pid:
+                    await asyncio.sleep(0.01)  # the hub is reconnecting
+            await producer
+            end = await settle([api], database_url, await conn.fetchval("SELECT max(seq) FROM ledger.events"))
+            await client.send({"type": "ping", "id": "end"})
+            await client.wait_for(lambda m: m["type"] == "pong" and m.get("id") == "end")
+            assert not client.closed.is_set()
+    await killer.close()
+
+    feed = [(r["seq"], r["key"]) for r in await conn.fetch(
+        "SELECT seq, key FROM ledger.changes WHERE kind = 'task' AND seq <= $1 ORDER BY seq, key", end)]
+    got = [(seq, key) for seq, _, key, _ in client.changes("all")]
+    assert sorted(got) == feed and len(got) == len(set(got))
+    final_events = [r["seq"] for r in await conn.fetch(
+        "SELECT seq FROM ledger.events WHERE type IN ('task-succeeded', 'task-failed') ORDER BY seq")]
+    assert [m["seq"] for m in client.of("log") if m["type"] == "event"] == final_events
+    assert len(final_events) == TASKS

@@ -83,9 +83,11 @@ class Hub:
             return conn
 
         self._listen = await db.retry("stream hub LISTEN", connect)
-        # Start at the current end: history is read per subscription, from the database.
-        for source, sql in _MAX_SEQ.items():
-            self._cursor[source] = max(self._cursor[source], await self._listen.fetchval(sql))
+        if not self.started.is_set():
+            # Start at the current end: history is read per subscription, from the database.
+            # On a reconnect the cursors stay: the next pump reads what was missed meanwhile.
+            for source, sql in _MAX_SEQ.items():
+                self._cursor[source] = await self._listen.fetchval(sql)
 
     async def _close_listen(self) -> None:
         if self._listen is not None and not self._listen.is_closed():

@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 from ledger.config import Settings
+from ledger.projections import store
 from ledger.projections.projector import Projector
+from ledger.projections.rebuild import rebuild
 from ledger.projections.store import read_checkpoint
 from tests.support.events import celery_event, task_events
 from tests.support.projections import append_events, table_rows, wait_until
@@ -58,7 +60,7 @@ async def snapshot(conn) -> dict[str, list[dict]]:
     return {t: await table_rows(conn, t, exclude=("updated_at",)) for t in TABLES}
 
 
-async def test_rebuild_gives_the_rows_the_live_projector_built(database_url, conn):
+async def test_rebuild_gives_the_rows_the_live_projector_built(database_url, conn, monkeypatch):
     settings = Settings(database_url=database_url, projector_batch_size=37, projector_poll_interval=0.2)
     projector = Projector(settings)
     stop = asyncio.Event()
@@ -93,6 +95,19 @@ async def test_rebuild_gives_the_rows_the_live_projector_built(database_url, con
         for table in TABLES:
             assert rebuilt[table] == live[table], table
         assert await conn.fetchval("SELECT count(*) FROM ledger.changes") <= live_changes
+
+        # In process, the other write paths: new tasks by COPY, small batches through the
+        # read/fold/write pipeline, and a cache small enough to be cleared and reloaded.
+        monkeypatch.setattr(store, "COPY_THRESHOLD", 1)
+        result = await rebuild(settings, batch_size=41, cache_rows=60)
+        assert result.events == len(events) and result.checkpoint == last
+        again = await snapshot(conn)
+        for table in TABLES:
+            assert again[table] == live[table], table
+        feed = await conn.fetch("SELECT kind, key, data FROM ledger.changes ORDER BY seq")
+        latest = {(r["kind"], r["key"]): r["data"] for r in feed}
+        for task in live["tasks"]:
+            assert latest[("task", task["task_id"])] == {**task, "extra": task["extra"]}
 
         # the live projector took the lease back and carries on from the rebuilt checkpoint
         more = task_events(hostname="celery@r1")

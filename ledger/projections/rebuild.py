@@ -74,6 +74,7 @@ async def rebuild(
     settings: Settings,
     *,
     batch_size: int = REBUILD_BATCH,
+    cache_rows: int = 300_000,
     progress: Callable[[int, int, int], None] | None = None,
     on_indexes: Callable[[], None] | None = None,
 ) -> RebuildResult:
@@ -87,7 +88,7 @@ async def rebuild(
         await lock.acquire(conn)
         started = time.monotonic()
         await truncate_all(conn)
-        projector = Projector(settings, batch_size=batch_size, cache_rows=300_000)
+        projector = Projector(settings, batch_size=batch_size, cache_rows=cache_rows)
         await projector.start_term(conn)  # checkpoint 0; recreates indexes a dead rebuild left dropped
         await drop_secondary_indexes(conn)
         last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM ledger.events")

@@ -38,12 +38,11 @@ def _quote(column: str) -> str:
     return f'"{column}"'
 
 
-def _upsert_sql(table: str, columns: dict[str, str], key: str) -> str:
-    """INSERT ... SELECT FROM unnest(one array per column) ON CONFLICT (key) DO UPDATE all.
-
-    json and float[] columns travel as text, cast in the SELECT."""
+def _upsert_sql(table: str, columns: dict[str, str], key: str, first: int, returning: str) -> str:
+    """INSERT ... SELECT FROM unnest(one array per column, from $first) ON CONFLICT (key)
+    DO UPDATE every column, only if the fence holds. json and float[] travel as text."""
     names = list(columns)
-    params = ", ".join(f"${i}::{_PG_TYPES[columns[c]]}[]" for i, c in enumerate(names, 1))
+    params = ", ".join(f"${i}::{_PG_TYPES[columns[c]]}[]" for i, c in enumerate(names, first))
     selected = []
     for c in names:
         if columns[c] == "json":
@@ -57,20 +56,10 @@ def _upsert_sql(table: str, columns: dict[str, str], key: str) -> str:
     return (
         f"INSERT INTO ledger.{table} ({', '.join(map(_quote, names))}) "
         f"SELECT {', '.join(selected)} FROM unnest({params}) AS u({', '.join(map(_quote, names))}) "
-        f"ON CONFLICT ({_quote(key)}) DO UPDATE SET {updates}"
+        f"WHERE (SELECT ok FROM fence) "
+        f"ON CONFLICT ({_quote(key)}) DO UPDATE SET {updates} RETURNING {returning}"
     )
 
-
-_UPSERT_TASKS = _upsert_sql("tasks", TASK_COLUMNS, "task_id")
-_UPSERT_GROUPS = _upsert_sql("groups", _GROUP_TYPES, "group_id")
-_UPSERT_NAMES = _upsert_sql("task_names", _NAME_TYPES, "name")
-_UPSERT_WORKERS = _upsert_sql("workers", WORKER_COLUMNS, "hostname")
-
-_WRITE_CHECKPOINT = """
-INSERT INTO ledger.checkpoints (projection, seq, updated_at)
-SELECT p, $2, now() FROM unnest($1::text[]) AS p
-ON CONFLICT (projection) DO UPDATE SET seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at
-"""
 
 READ_EVENTS = """
 SELECT seq, type, payload, extract(epoch FROM recorded_at)::float8 AS recorded_at
@@ -170,25 +159,10 @@ def _columns(rows: Sequence[dict[str, Any]], columns: dict[str, str]) -> list[li
     return arrays
 
 
-_CHANGES_FROM = {
-    # kind -> (table, key column): the change row's data is the stored row, as JSON
-    "task": ("tasks", "task_id"),
-    "group": ("groups", "group_id"),
-    "worker": ("workers", "hostname"),
-}
-_INSERT_CHANGES_FROM = {
-    kind: f"""
-INSERT INTO ledger.changes (seq, kind, key, data)
-SELECT u.seq, '{kind}', t.{key}, to_jsonb(t)
-FROM unnest($1::text[], $2::int8[]) AS u(key, seq) JOIN ledger.{table} t ON t.{key} = u.key
-"""
-    for kind, (table, key) in _CHANGES_FROM.items()
-}
-
-
 async def connect(dsn: str) -> asyncpg.Connection:
     """A connection for the projector: jsonb in binary format, so new task rows can be
-    written with COPY (asyncpg's binary COPY needs a binary codec for every column)."""
+    written with COPY (asyncpg's binary COPY needs a binary codec for every column), and
+    asynchronous commit."""
     conn = await db.connect(dsn)
     await conn.set_type_codec(
         "jsonb",
@@ -197,7 +171,23 @@ async def connect(dsn: str) -> asyncpg.Connection:
         decoder=lambda data: orjson.loads(data[1:]),
         format="binary",
     )
+    # Projections are derived data: a crash may lose the last commits' flush, but each
+    # commit carries its checkpoint, so what is lost is simply folded again from the log.
+    # Not waiting for the WAL flush takes milliseconds off every batch (push latency).
+    await conn.execute("SET synchronous_commit = off")
     return conn
+
+
+#: Below this many new tasks a batch writes them with the one statement; above, with COPY.
+COPY_THRESHOLD = 200
+
+# (upsert table, CTE name, columns, key, change kind or None)
+_TABLES = (
+    ("tasks", "t", TASK_COLUMNS, "task_id", "task"),
+    ("groups", "g", _GROUP_TYPES, "group_id", "group"),
+    ("workers", "w", WORKER_COLUMNS, "hostname", "worker"),
+    ("task_names", "n", _NAME_TYPES, "name", None),
+)
 
 
 @dataclass(slots=True)
@@ -207,63 +197,117 @@ class PreparedBatch:
 
     previous: int  # the checkpoint the stored rows reflect
     checkpoint: int  # the checkpoint this batch brings them to
-    new_tasks: list[tuple[Any, ...]] = field(default_factory=list)
-    statements: list[tuple[str, list[list[Any]]]] = field(default_factory=list)
-    changes: list[tuple[str, list[str], list[int]]] = field(default_factory=list)
+    copy_tasks: list[tuple[Any, ...]] = field(default_factory=list)
+    sql: str = ""
+    args: list[Any] = field(default_factory=list)
+
+
+def _batch_sql(present: tuple[bool, ...], copied: bool, changes: bool) -> tuple[str, int]:
+    """One statement writing a batch: the fence (the stored checkpoint is the one the batch
+    was folded on), the upserts, the change feed (``to_jsonb`` of the rows as written), the
+    checkpoint and the NOTIFY. Every write is conditioned on the fence, so a failed fence
+    writes nothing; the statement returns whether it held. Parameters: $1 projections,
+    $2 previous, $3 checkpoint, then each present table's arrays, then (key, seq) arrays
+    per change kind."""
+    ctes = [
+        "fence AS (SELECT (SELECT CASE WHEN count(*) = cardinality($1::text[]) THEN min(seq) ELSE 0 END"
+        " FROM ledger.checkpoints WHERE projection = ANY($1::text[])) = $2::int8 AS ok)"
+    ]
+    n = 4
+    for (table, alias, columns, key, kind), here in zip(_TABLES, present):
+        if here:
+            ctes.append(f"{alias} AS ({_upsert_sql(table, columns, key, n, '*' if kind else '1')})")
+            n += len(columns)
+    feeds = []
+    if changes:
+        for (table, alias, columns, key, kind), here in zip(_TABLES, present):
+            if kind and here:
+                feeds.append(
+                    f"SELECT u.seq, '{kind}', x.{key}, to_jsonb(x) FROM {alias} x"
+                    f" JOIN unnest(${n}::text[], ${n + 1}::int8[]) AS u(key, seq) ON x.{key} = u.key"
+                )
+                n += 2
+        if copied:  # COPYed earlier in this transaction: visible in the table itself
+            feeds.append(
+                f"SELECT u.seq, 'task', x.task_id, to_jsonb(x) FROM ledger.tasks x"
+                f" JOIN unnest(${n}::text[], ${n + 1}::int8[]) AS u(key, seq) ON x.task_id = u.key"
+                f" WHERE (SELECT ok FROM fence)"
+            )
+            n += 2
+    if feeds:
+        ctes.append(f"c AS (INSERT INTO ledger.changes (seq, kind, key, data) {' UNION ALL '.join(feeds)} RETURNING 1)")
+    ctes.append(
+        "cp AS (INSERT INTO ledger.checkpoints (projection, seq, updated_at)"
+        " SELECT p, $3::int8, now() FROM unnest($1::text[]) AS p WHERE (SELECT ok FROM fence)"
+        " ON CONFLICT (projection) DO UPDATE SET seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at RETURNING 1)"
+    )
+    sql = (
+        "WITH " + ",\n".join(ctes) + "\nSELECT ok, CASE WHEN ok THEN pg_notify('" + NOTIFY_CHANNEL + "', $3::int8::text) END,"
+        " (SELECT count(*) FROM cp) FROM fence"
+    )
+    return sql, n - 1
 
 
 def prepare_batch(fold: Fold, previous: int, checkpoint: int, *, changes: bool = True) -> PreparedBatch:
-    """Serialise what ``fold`` changed since the last batch.
+    """Serialise what ``fold`` changed since the last batch into one statement.
 
     A task first seen after ``previous`` cannot be stored yet (one writer, fenced by the
-    checkpoint), so new tasks go by COPY and only the others by upsert."""
+    checkpoint): when there are many such tasks (rebuild), they go by COPY beforehand."""
     batch = PreparedBatch(previous, checkpoint)
-    changed_tasks, changed_groups, changed_workers, changed_names = fold.take_changed()
-    if changed_tasks:
-        tasks = fold.tasks
-        old = []
-        for key in changed_tasks:
-            row = task_row_out(tasks[key])
+    changed = fold.take_changed()
+    changed_tasks = changed[0]
+    task_rows = [task_row_out(fold.tasks[k]) for k in changed_tasks]
+    new_count = sum(1 for r in task_rows if r["first_seq"] > previous)
+    copied: dict[str, int] = {}
+    if new_count >= COPY_THRESHOLD:
+        upserted = []
+        for row in task_rows:
             if row["first_seq"] > previous:
-                batch.new_tasks.append(tuple(row.values()))
+                batch.copy_tasks.append(tuple(row.values()))
+                copied[row["task_id"]] = changed_tasks[row["task_id"]]
             else:
-                old.append(row)
-        if old:
-            batch.statements.append((_UPSERT_TASKS, _columns(old, TASK_COLUMNS)))
-    if changed_groups:
-        rows = [group_row_out(fold.groups[k]) for k in changed_groups]
-        batch.statements.append((_UPSERT_GROUPS, _columns(rows, _GROUP_TYPES)))
-    if changed_workers:
-        rows = [worker_row_out(fold.workers[k]) for k in changed_workers]
-        batch.statements.append((_UPSERT_WORKERS, _columns(rows, WORKER_COLUMNS)))
-    if changed_names:
-        rows = [name_row_out(fold.task_names[k]) for k in changed_names]
-        batch.statements.append((_UPSERT_NAMES, _columns(rows, _NAME_TYPES)))
+                upserted.append(row)
+        task_rows = upserted
+    rows_by_table = (
+        task_rows,
+        [group_row_out(fold.groups[k]) for k in changed[1]],
+        [worker_row_out(fold.workers[k]) for k in changed[2]],
+        [name_row_out(fold.task_names[k]) for k in changed[3]],
+    )
+    present = tuple(bool(rows) for rows in rows_by_table)
+    sql, count = _batch_sql(present, bool(copied), changes)
+    args: list[Any] = [list(PROJECTIONS), previous, checkpoint]
+    for (_, _, columns, _, _), rows in zip(_TABLES, rows_by_table):
+        if rows:
+            args += _columns(rows, columns)
     if changes:
-        for kind, changed in (("task", changed_tasks), ("group", changed_groups), ("worker", changed_workers)):
-            if changed:
-                batch.changes.append((_INSERT_CHANGES_FROM[kind], list(changed), list(changed.values())))
+        for (_, _, _, key, kind), rows, keyed in zip(_TABLES, rows_by_table, changed):
+            if kind and rows:
+                keys = [r[key] for r in rows]
+                args += [keys, [keyed[k] for k in keys]]
+        if copied:
+            args += [list(copied), list(copied.values())]
+    assert len(args) == count, (len(args), count)
+    batch.sql, batch.args = sql, args
     return batch
 
 
 async def commit_batch(conn: asyncpg.Connection, batch: PreparedBatch) -> None:
-    """Write a prepared batch, its change feed and checkpoint in one transaction, after
-    checking (FOR UPDATE) that the stored checkpoint is the one the batch was folded on;
-    the commit NOTIFYs ``ledger_changes``."""
-    async with conn.transaction():
-        stored = await read_checkpoint(conn, for_update=True)
-        if stored != batch.previous:
-            raise CheckpointMoved(f"checkpoint is {stored}, expected {batch.previous}")
-        if batch.new_tasks:
+    """Write a prepared batch: one statement (atomic on its own), or COPY + that statement in
+    one transaction. Raises CheckpointMoved, writing nothing, if the stored checkpoint is not
+    the one the batch was folded on. The commit NOTIFYs ``ledger_changes``."""
+    if batch.copy_tasks:
+        async with conn.transaction():
             await conn.copy_records_to_table(
-                "tasks", schema_name="ledger", columns=list(TASK_COLUMNS), records=batch.new_tasks
+                "tasks", schema_name="ledger", columns=list(TASK_COLUMNS), records=batch.copy_tasks
             )
-        for statement, arrays in batch.statements:
-            await conn.execute(statement, *arrays)
-        for statement, keys, seqs in batch.changes:  # after the rows: data is the stored row
-            await conn.execute(statement, keys, seqs)
-        await conn.execute(_WRITE_CHECKPOINT, list(PROJECTIONS), batch.checkpoint)
-        await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(batch.checkpoint))
+            ok = await conn.fetchval(batch.sql, *batch.args)
+            if not ok:
+                raise CheckpointMoved(f"the stored checkpoint is not {batch.previous}")
+    else:
+        ok = await conn.fetchval(batch.sql, *batch.args)
+        if not ok:
+            raise CheckpointMoved(f"the stored checkpoint is not {batch.previous}")
 
 
 async def truncate_all(conn: asyncpg.Connection) -> None:

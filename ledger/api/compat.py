@@ -18,7 +18,7 @@ from typing import Any
 from starlette.requests import Request
 
 from ledger.api import queries
-from ledger.api.errors import ApiError, bad_param, not_found
+from ledger.api.errors import bad_param, not_found
 from ledger.api.models import (
     DCRGroupDone,
     DCRGroupStatus,
@@ -31,15 +31,12 @@ from ledger.api.models import (
     FlowerWorker,
     FlowerWorkersQuery,
 )
-from ledger.api.native import worker_status
+from ledger.projections import worker_status
 from ledger.api.routing import endpoint
 
 EXCEPTION_STATES = frozenset({"FAILURE", "RETRY", "REVOKED"})
 
 # --- django-celery-results ------------------------------------------------------------------
-
-_SIMPLE = (str, int, float, bool, type(None))
-
 
 def _jsonable(value: Any) -> Any:
     """`value` as JSON data, or raise ValueError (sets, bytes, huge ints... are not)."""
@@ -358,5 +355,3 @@ routes = [
     dcr_task_status, dcr_task_done, dcr_group_status, dcr_group_done,
     flower_task_info, flower_tasks, flower_task_types, flower_workers,
 ]
-
-__all__ = ["routes", "ApiError"]

@@ -24,27 +24,9 @@ from ledger.api.models import (
     WorkersQuery,
 )
 from ledger.api.routing import endpoint
+from ledger.projections import worker_status
 
 TAG = "native"
-
-
-def worker_status(row: dict[str, Any], now: float) -> str:
-    """online / offline / lost, as the projections define it (Celery's heartbeat expiry)."""
-    try:
-        from ledger.projections import worker_status as projection_status
-    except ImportError:
-        return _worker_status(row, now)
-    return projection_status(row, now)
-
-
-def _worker_status(row: dict[str, Any], now: float) -> str:
-    # Celery: alive while now < last heartbeat + freq * HEARTBEAT_EXPIRE_WINDOW / 100 (= 2.0).
-    last = row.get("last_heartbeat")
-    if row.get("offline_at") is not None and (last is None or row["offline_at"] >= last):
-        return "offline"
-    if last is not None and now < last + (row.get("freq") or 2.0) * 2.0:
-        return "online"
-    return "lost"
 
 
 def pool(request: Request):

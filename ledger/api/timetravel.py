@@ -8,16 +8,8 @@ from typing import Any
 import asyncpg
 
 from ledger.api import queries
-from ledger.api.errors import ApiError
 from ledger.api.models import AsOfQuery
-
-
-def _projections():
-    try:
-        import ledger.projections as projections
-    except ImportError:  # the projections package has not landed in this checkout
-        raise ApiError(501, "not_implemented", "time travel needs ledger.projections") from None
-    return projections
+from ledger.projections import fold_group, fold_task
 
 
 async def resolve_seq(conn: asyncpg.Pool, q: AsOfQuery) -> int | None:
@@ -42,7 +34,7 @@ async def _children_as_of(conn: asyncpg.Pool, task_id: str, seq: int) -> list[st
 async def task_as_of(conn: asyncpg.Pool, task_id: str, seq: int) -> dict[str, Any] | None:
     """The task row as the projector held it right after applying `seq` (None: not yet seen)."""
     events = await queries.task_events(conn, task_id, upto_seq=seq)
-    row = _projections().fold_task(events, task_id) if events else None
+    row = fold_task(events, task_id) if events else None
     if row is None:
         return None
     row = dict(row)
@@ -61,4 +53,4 @@ async def group_as_of(conn: asyncpg.Pool, group_id: str, seq: int) -> tuple[dict
         members,
         seq,
     )
-    return _projections().fold_group(group_id, rows)
+    return fold_group(group_id, rows)

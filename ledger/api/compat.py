@@ -199,6 +199,7 @@ FLOWER_FIELDS = (
     "received", "result", "retried", "retries", "revoked", "routing_key", "runtime", "sent", "started",
     "state", "succeeded", "timestamp", "traceback", "worker",
 )
+FLOWER_MAX_TASKS = 10_000
 _FLOWER_COLUMNS = "task_id, " + ", ".join(f'"{f}"' for f in FLOWER_FIELDS)
 
 
@@ -304,8 +305,9 @@ async def flower_tasks(request: Request, q: FlowerTasksQuery) -> dict[str, Any]:
         order = f"coalesce({key}, {default}){collate} {'DESC' if q.sort_by.startswith('-') else 'ASC'}, {order}"
     sql = f"SELECT {_FLOWER_COLUMNS} FROM ledger.tasks" + (" WHERE " + " AND ".join(where) if where else "")
     sql += f" ORDER BY {order}"
-    if q.limit:
-        sql += f" LIMIT {p(q.limit)}"
+    # Flower holds at most max_tasks (10,000 by default) in memory, so "no limit" never meant
+    # millions of rows; the ledger keeps that bound.
+    sql += f" LIMIT {p(min(q.limit or FLOWER_MAX_TASKS, FLOWER_MAX_TASKS))}"
     if q.offset > 0:
         sql += f" OFFSET {p(q.offset)}"
     rows = await request.app.state.pool.fetch(sql, *p.values)

@@ -352,7 +352,7 @@ FlowerSort = Literal["name", "-name", "state", "-state", "received", "-received"
 
 
 class FlowerTasksQuery(Query):
-    limit: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=0, description="0 or absent: Flower's max_tasks bound, 10,000 (also the cap).")
     offset: int = Field(0)
     sort_by: FlowerSort | None = None
     workername: str | None = None

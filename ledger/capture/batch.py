@@ -70,11 +70,9 @@ class Batcher:
             batch.ack = ack
         if batch.first is None:
             batch.first = time.monotonic()
-        n = len(batch)
-        if n >= self.size:
+            self._changed.set()  # the writer starts this batch's latency clock
+        if len(batch) >= self.size:
             self.seal()
-        elif not self._changed.is_set():
-            self._changed.set()
 
     def seal(self) -> None:
         batch = self.current

@@ -99,7 +99,9 @@ async def test_redis_sigterm_flushes_what_was_received(database_url, redis_url, 
     assert "stopped; 4800 inserted" in proc.log()
 
 
-async def test_rabbitmq_sigkill_mid_stream_then_restart_stores_every_event_once(database_url, amqp_url, event_exchange):
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+async def test_rabbitmq_stopped_mid_stream_then_restarted_stores_every_event_once(database_url, amqp_url, event_exchange, how):
+    """SIGKILL: no flush, no acks for what was in flight. SIGTERM: flush, ack, exit 0."""
     n = 24_000
     settings = capture_settings(database_url, amqp_url, event_exchange, capture_batch_size=500)
     try:
@@ -110,7 +112,11 @@ async def test_rabbitmq_sigkill_mid_stream_then_restart_stores_every_event_once(
                 asyncio.to_thread(publish_stream, amqp_url, event_exchange, task_stream(n, prefix="kill"), 8000)
             )
             await wait_for_events(database_url, 4000, timeout=60)
-            first.kill()  # SIGKILL: no flush, no acks for what was in flight
+            if how == "SIGKILL":
+                first.kill()
+            else:
+                assert first.stop() == 0
+                assert "capture: stopped; " in first.log()
             stored_at_kill = await count_events(database_url)
             assert stored_at_kill < n, "the kill must land mid-stream"
             await publisher  # the rest is published while capture is down: RabbitMQ buffers it

@@ -69,7 +69,7 @@ class AmqpSource:
         props = message.header.properties
         self.decoder.body(message.body, message.delivery.routing_key, batch.events, batch.rejects, props.content_type)  # type: ignore[union-attr]
         self.messages += 1
-        self.batcher.added(_Ack(message.channel, message.delivery.delivery_tag))  # type: ignore[union-attr]
+        self.batcher.added(len(message.body), _Ack(message.channel, message.delivery.delivery_tag))  # type: ignore[union-attr]
 
     async def _consume(self, message: DeliveredMessage) -> None:
         self._on_message(message)

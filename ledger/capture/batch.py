@@ -27,6 +27,9 @@ from ledger.log.recorder import AppendResult, Event, Rejected, append
 log = logging.getLogger(__name__)
 
 Ack = Callable[[], Awaitable[None]]
+# Also seal a batch at this many bytes received, so a run of large events never makes one
+# statement of gigabytes.
+MAX_BATCH_BYTES = 32 << 20
 
 
 @dataclass(slots=True)
@@ -35,6 +38,7 @@ class Batch:
     rejects: list[Rejected] = field(default_factory=list)
     ack: Ack | None = None
     first: float | None = None  # when its first message was added
+    nbytes: int = 0  # size of the messages in it, as received
 
     def __len__(self) -> int:
         return len(self.events) + len(self.rejects)
@@ -55,23 +59,24 @@ class Stats:
 
 
 class Batcher:
-    def __init__(self, size: int, max_wait: float, max_sealed: int = 4) -> None:
-        self.size, self.max_wait, self.max_sealed = size, max_wait, max_sealed
+    def __init__(self, size: int, max_wait: float, max_sealed: int = 4, max_bytes: int = MAX_BATCH_BYTES) -> None:
+        self.size, self.max_wait, self.max_sealed, self.max_bytes = size, max_wait, max_sealed, max_bytes
         self.current = Batch()
         self.sealed: deque[Batch] = deque()
         self._changed = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
 
-    def added(self, ack: Ack | None = None) -> None:
-        """One message was decoded into ``current``; ``ack`` runs once it has committed."""
+    def added(self, nbytes: int, ack: Ack | None = None) -> None:
+        """One message of ``nbytes`` was decoded into ``current``; ``ack`` runs once it has committed."""
         batch = self.current
+        batch.nbytes += nbytes
         if ack is not None:
             batch.ack = ack
         if batch.first is None:
             batch.first = time.monotonic()
             self._changed.set()  # the writer starts this batch's latency clock
-        if len(batch) >= self.size:
+        if len(batch) >= self.size or batch.nbytes >= self.max_bytes:
             self.seal()
 
     def seal(self) -> None:

@@ -353,11 +353,11 @@ class RedisSource:
         if kind == b"pmessage" and len(frame) == 4:
             decoder.redis_message(frame[3], frame[2], batcher.current.events, batcher.current.rejects)
             self.messages += 1
-            batcher.added()
+            batcher.added(len(frame[3]))
         elif kind == b"message" and len(frame) == 3:
             decoder.redis_message(frame[2], frame[1], batcher.current.events, batcher.current.rejects)
             self.messages += 1
-            batcher.added()
+            batcher.added(len(frame[2]))
         elif kind == b"subscribe":
             self.subscriptions += 1
             self.ready.set()  # both subscriptions are in place (SUBSCRIBE was sent second)

@@ -52,6 +52,7 @@ class Hub:
         self.waiters: dict[str, set[asyncio.Future[dict[str, Any]]]] = defaultdict(set)
         self.sessions: set[Any] = set()
         self._wake = asyncio.Event()
+        self._due = {"changes": True, "events": True}  # which feed a wake-up is for
         self._listen: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -79,7 +80,7 @@ class Hub:
             conn = await db.connect(self.dsn)
             await conn.add_listener(CHANGES_CHANNEL, self._on_notify)
             await conn.add_listener(EVENTS_CHANNEL, self._on_notify)
-            conn.add_termination_listener(lambda _c: self._wake.set())
+            conn.add_termination_listener(lambda _c: self._wake_all())
             return conn
 
         self._listen = await db.retry("stream hub LISTEN", connect)
@@ -97,14 +98,22 @@ class Hub:
                 self._listen.terminate()
         self._listen = None
 
+    def _wake_all(self) -> None:
+        self._due["changes"] = self._due["events"] = True
+        self._wake.set()
+
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
-        if channel == EVENTS_CHANNEL and self._log_subs == 0:
-            # Nobody wants the raw log: follow its end from the payload, no query needed.
-            try:
-                self._cursor["events"] = max(self._cursor["events"], int(payload))
-            except ValueError:
-                pass
-            return
+        if channel == EVENTS_CHANNEL:
+            if self._log_subs == 0:
+                # Nobody wants the raw log: follow its end from the payload, no query needed.
+                try:
+                    self._cursor["events"] = max(self._cursor["events"], int(payload))
+                except ValueError:
+                    pass
+                return
+            self._due["events"] = True
+        else:
+            self._due["changes"] = True
         self._wake.set()
 
     async def _run(self) -> None:
@@ -113,7 +122,7 @@ class Hub:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
             except asyncio.TimeoutError:
-                pass
+                self._wake_all()  # the timer: read both feeds, in case a NOTIFY was lost
             self._wake.clear()
             try:
                 if self._listen is None or self._listen.is_closed():
@@ -125,20 +134,28 @@ class Hub:
                 delay = backoff.next_delay()
                 log.warning("stream hub lost the database (%s); retrying in %.1fs", exc, delay)
                 await self._close_listen()
+                self._wake_all()
                 await asyncio.sleep(delay)
             except Exception:
                 log.exception("stream hub pump failed; retrying")
+                self._wake_all()
                 await asyncio.sleep(backoff.next_delay())
 
     async def _pump(self) -> None:
         assert self._listen is not None
         conn = self._listen
-        while True:
-            rows, reached, more = await _read(
-                conn, "changes", self._cursor["changes"], None, "TRUE", [], PUMP_BATCH)
-            self._dispatch_changes(rows, reached)
-            if not more:
-                break
+        # clear a flag before reading its feed: a NOTIFY arriving during the read sets it again
+        if self._due["changes"]:
+            self._due["changes"] = False
+            while True:
+                rows, reached, more = await _read(
+                    conn, "changes", self._cursor["changes"], None, "TRUE", [], PUMP_BATCH)
+                self._dispatch_changes(rows, reached)
+                if not more:
+                    break
+        if not self._due["events"]:
+            return
+        self._due["events"] = False
         if self._log_subs:
             while True:
                 rows, reached, more = await _read(

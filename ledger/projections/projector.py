@@ -1,10 +1,11 @@
 """`ledger projector`: tail ledger.events by seq and fold it into the projections.
 
 One batch = read up to ``projector_batch_size`` events after the checkpoint, load the rows
-they touch (or find them in the in-memory cache), fold, and write in one transaction: the
-rows (bulk upserts), one ``ledger.changes`` row per changed entity, and the checkpoint;
-the commit NOTIFYs ``ledger_changes``. The checkpoint is re-read ``FOR UPDATE`` inside
-that transaction, so a batch never applies on top of anything but what it was folded from.
+they touch (or find them in the in-memory cache), fold, and write atomically (one statement,
+see ``store``): the rows, one ``ledger.changes`` row per changed entity (at the last seq
+that changed it, with the row as written), and the checkpoint; the commit NOTIFYs
+``ledger_changes`` with the new checkpoint. The write is fenced by the checkpoint it was
+folded on, so a batch never applies on top of anything else.
 
 The projector wakes on LISTEN ``ledger_events`` (the recorder NOTIFYs on every append) and
 polls every ``projector_poll_interval`` seconds anyway, so a lost notification costs
@@ -218,7 +219,7 @@ class Projector:
             wake.clear()  # before reading: a NOTIFY during the batch is not lost
             applied = await self.step(conn)
             now = time.monotonic()
-            if applied < self.batch_size or now - checked > 1.0:
+            if now - checked > 0.5:  # a rebuild waiting for the lease waits at most this long
                 checked = now
                 if await lock.someone_waits(conn):
                     log.info("projector: yielding the lease to a waiting `ledger rebuild`")

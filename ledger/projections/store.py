@@ -1,9 +1,10 @@
 """Reading and writing the projection tables, their checkpoints and the change feed.
 
-Everything a batch changed is written in bulk - tasks seen for the first time with COPY, the
-other rows with one upsert per table (arrays through ``unnest``) - in the same transaction
-as the checkpoint and the ``ledger.changes`` rows (built in the database from the rows just
-written, ``to_jsonb(row)``), and the commit NOTIFYs ``ledger_changes`` with the checkpoint.
+A batch is written by ONE statement (:func:`prepare_batch`): a fence (the stored checkpoint
+is the one the batch was folded on), one upsert per table (arrays through ``unnest``), the
+``ledger.changes`` rows (``to_jsonb`` of the rows as written), the checkpoint and the NOTIFY
+``ledger_changes`` - atomic on its own and a single round trip, which keeps push latency
+low. Big batches (rebuild) COPY their new tasks first, in the same transaction.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncpg
 import orjson
 
 from ledger import db
-from ledger.projections.fold import GROUP_COLUMNS, NAME_COLUMNS, Fold, event_parts, group_row_out, name_row_out
+from ledger.projections.fold import Fold, group_row_out, name_row_out
 from ledger.projections.task_state import TASK_COLUMNS, task_row_in, task_row_out, to_text
 from ledger.projections.worker_state import WORKER_COLUMNS, worker_row_out
 
@@ -82,12 +83,12 @@ async def read_checkpoint(conn: asyncpg.Connection, *, for_update: bool = False)
     return min((r["seq"] for r in rows), default=0) if len(rows) == len(PROJECTIONS) else 0
 
 
-async def read_events(conn: asyncpg.Connection, after: int, limit: int) -> list[tuple[int, str, Any, float | None]]:
-    records = await conn.fetch(READ_EVENTS, after, limit)
-    return [(r[0], r[1], r[2], r[3]) for r in records]
+async def read_events(conn: asyncpg.Connection, after: int, limit: int) -> list[asyncpg.Record]:
+    """The next events as (seq, type, payload, recorded_at epoch seconds) records."""
+    return await conn.fetch(READ_EVENTS, after, limit)
 
 
-def _needed(events: Sequence[tuple[int, str, Any, float | None]]) -> tuple[set[str], set[str], set[str], set[str]]:
+def _needed(events: Sequence[Any]) -> tuple[set[str], set[str], set[str], set[str]]:
     """Keys of the rows a batch of events may touch: tasks, hostnames, groups, names."""
     tasks: set[str] = set()
     hosts: set[str] = set()
@@ -111,7 +112,7 @@ def _needed(events: Sequence[tuple[int, str, Any, float | None]]) -> tuple[set[s
     return tasks, hosts, groups, names
 
 
-async def load_rows(conn: asyncpg.Connection, fold: Fold, events: Sequence[tuple[int, str, Any, float | None]]) -> None:
+async def load_rows(conn: asyncpg.Connection, fold: Fold, events: Sequence[Any]) -> None:
     """Put into ``fold`` every stored row the events may change that it does not hold yet."""
     tasks, hosts, groups, names = _needed(events)
     missing = [t for t in tasks if t not in fold.tasks]
@@ -360,18 +361,14 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "PROJECTIONS",
     "CheckpointMoved",
+    "PreparedBatch",
     "commit_batch",
     "connect",
-    "prepare_batch",
-    "PreparedBatch",
     "drop_secondary_indexes",
-    "restore_indexes",
-    "GROUP_COLUMNS",
-    "NAME_COLUMNS",
-    "event_parts",
     "load_rows",
+    "prepare_batch",
     "read_checkpoint",
     "read_events",
+    "restore_indexes",
     "truncate_all",
-    "write_batch",
 ]

@@ -1,5 +1,6 @@
--- Projection additions. Idempotent (IF NOT EXISTS): an earlier draft of this file was
--- applied under another name in some development databases.
+-- Projection additions. Idempotent (IF NOT EXISTS): earlier drafts of this file were
+-- applied as 005_projection_group_states.sql / 005_projection_extras.sql in some
+-- development databases, which therefore apply this one too, harmlessly.
 
 -- Groups count their members by state, so a group's progress (and django-celery-results'
 -- "done" for a group) is one row away, and the change feed carries it.

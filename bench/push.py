@@ -252,6 +252,19 @@ async def fresh_database() -> tuple[str, str]:
     return dsn, token
 
 
+async def capture_latency(dsn: str, start: float, end: float) -> tuple[float, float]:
+    """p50/p99 of publish -> row inserted in the log (recorded_at), for the measured window."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50, percentile_cont(0.99) WITHIN GROUP"
+            " (ORDER BY d) AS p99 FROM (SELECT extract(epoch FROM recorded_at) - sent_at AS d FROM ledger.events"
+            " WHERE sent_at BETWEEN $1 AND $2) x", start, end)
+    finally:
+        await conn.close()
+    return row["p50"] * 1000, row["p99"] * 1000
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -350,6 +363,7 @@ def main() -> None:
             p.join(30)
         publisher.join(30)
         rss_end, rss_peak = rss_mb(serve.pid)
+        capture_p50, capture_p99 = asyncio.run(capture_latency(dsn, window_end - args.seconds, window_end))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -367,6 +381,7 @@ def main() -> None:
           f"({counts['changes'] / args.seconds:.0f}/s); sockets closed early: {counts['closed']}")
     print(f"latency publish -> client: p50 {p50:.1f} ms, p99 {p99:.1f} ms, mean {mean:.1f} ms")
     log_p50, log_p99 = pct(log_latencies, 0.5) * 1000, pct(log_latencies, 0.99) * 1000
+    print(f"capture alone (publish -> row in the log): p50 {capture_p50:.1f} ms, p99 {capture_p99:.1f} ms")
     print(f"raw log push (capture + hub, no projector): p50 {log_p50:.1f} ms, p99 {log_p99:.1f} ms")
     print(f"replica RSS: {rss_idle:.0f} MB idle with clients, max sampled {max(rss_samples):.0f} MB, "
           f"peak (VmHWM) {rss_peak:.0f} MB")
@@ -391,6 +406,7 @@ produced; {args.seconds:.0f} s measured after a 3 s warm-up.
 | latency p50 | {p50:.1f} ms | ≤ 15 ms: {verdict(p50 <= 15)} |
 | latency p99 | {p99:.1f} ms | ≤ 50 ms: {verdict(p99 <= 50)} |
 | latency mean | {mean:.1f} ms | |
+| capture alone (publish -> row inserted in the log), p50 / p99 | {capture_p50:.1f} / {capture_p99:.1f} ms | |
 | raw-log push latency, p50 / p99 (one probe client on `topic: log`: capture + hub, no projector) | {log_p50:.1f} / {log_p99:.1f} ms | |
 | replica RSS with {args.clients} clients, idle / max under load / peak | {rss_idle:.0f} / {max(rss_samples):.0f} / {rss_peak:.0f} MB | ≤ 300 MB: {verdict(rss_peak <= 300)} |
 | sockets dropped during the run | {counts['closed']} | 0 |

@@ -86,6 +86,10 @@ class Fold:
         self.changed_groups: dict[str, int] = {}
         self.changed_workers: dict[str, int] = {}
         self.changed_names: dict[str, int] = {}
+        # Set by whoever knows (rebuild, on empty tables): every stored task row / every
+        # stored group, worker and task-name row is held here, so nothing needs loading.
+        self.holds_all_tasks = False
+        self.holds_all_others = False
 
     def __len__(self) -> int:
         return len(self.tasks) + len(self.groups) + len(self.workers) + len(self.task_names)
@@ -96,6 +100,15 @@ class Fold:
         self.groups.clear()
         self.workers.clear()
         self.task_names.clear()
+        self.holds_all_tasks = self.holds_all_others = False
+
+    def evict(self) -> None:
+        """Make room: drop the task rows (the bulk), and the rest unless it is complete."""
+        if self.holds_all_others:
+            self.tasks.clear()
+            self.holds_all_tasks = False
+        else:
+            self.clear()
 
     def apply(self, seq: int, type_: str, payload: Mapping[str, Any], recorded_at: float | None = None) -> None:
         """Apply one log event. Events the projections do not know are ignored."""

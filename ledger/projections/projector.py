@@ -111,7 +111,7 @@ class Projector:
             raise
         self.checkpoint = batch.checkpoint
         if len(self.fold) > self.cache_rows:
-            self.fold.clear()
+            self.fold.evict()
 
     def _fold(self, events: list) -> PreparedBatch:
         apply = self.fold.apply
@@ -143,7 +143,7 @@ class Projector:
                     if writing is not None:  # drain the pipeline first: all folded is then stored
                         await writing
                         writing = None
-                    self.fold.clear()
+                    self.fold.evict()
                 await load_rows(loader, self.fold, events)
                 batch = self._fold(events)
                 if writing is not None:

@@ -150,20 +150,33 @@ def new_task_row(task_id: str, seq: int) -> dict[str, Any]:
     return row
 
 
+_MERGED = frozenset(k for k, what in _FIELD_ACTION.items() if what == _MERGE)
+_STICKY = frozenset(LINEAGE)
+_ENVELOPE = frozenset(k for k, what in _FIELD_ACTION.items() if what == _IGNORE)
+
+
 def _merge(row: dict[str, Any], fields: dict[str, Any], keep: frozenset[str] | None) -> None:
-    action = _FIELD_ACTION.get
-    extra = row["extra"]
-    for key, value in fields.items():
-        what = action(key)
-        if what == _LINEAGE:
-            if value is not None:
+    """Merge an event's fields: columns, lineage (never erased by a null), the envelope
+    ignored, anything else into ``extra``; with ``keep``, only those fields (and lineage)."""
+    if keep is None:
+        extra = row["extra"]
+        for key, value in fields.items():
+            if key in _MERGED:
                 row[key] = value
-        elif keep is not None and key not in keep:
-            continue
-        elif what == _MERGE:
-            row[key] = value
-        elif what is None:
-            extra[key] = value
+            elif key in _ENVELOPE:
+                continue
+            elif key in _STICKY:
+                if value is not None:
+                    row[key] = value
+            else:
+                extra[key] = value
+    else:
+        for key, value in fields.items():
+            if key in _STICKY:
+                if value is not None:
+                    row[key] = value
+            elif key in keep:
+                row[key] = value  # merge rules only name columns
 
 
 def apply_task_event(row: dict[str, Any], subject: str, fields: dict[str, Any], seq: int) -> None:
@@ -235,27 +248,35 @@ def _coerce(kind: str, value: Any) -> tuple[bool, Any]:
     return True, value
 
 
+_TEXT_COLUMNS = tuple(c for c, kind in TASK_COLUMNS.items() if kind == "text")
+_FLOAT_COLUMNS = tuple(c for c, kind in TASK_COLUMNS.items() if kind == "float")
+_INT_COLUMNS = tuple((c, kind) for c, kind in TASK_COLUMNS.items() if kind in ("int", "bigint"))
+
+
 def task_row_out(row: dict[str, Any]) -> dict[str, Any]:
     """The row with every column of its database type; misfits move to ``extra``."""
-    out = dict(row)
-    extra = None
-    for column, kind in TASK_COLUMNS.items():
+    out = row.copy()
+    extra = dict(out["extra"])
+    for column in _TEXT_COLUMNS:
         value = out[column]
-        if value is None or kind == "json":
-            continue
-        if kind == "text" and type(value) is str:
-            continue
-        if kind == "float" and type(value) is float:
-            continue
-        ok, converted = _coerce(kind, value)
-        if ok:
+        if value is not None and type(value) is not str:
+            out[column] = to_text(value)
+    for column in _FLOAT_COLUMNS:
+        value = out[column]
+        if value is not None and type(value) is not float:
+            converted = to_float(value)
+            if converted is None:
+                extra[column] = value
             out[column] = converted
-        else:
-            if extra is None:
-                extra = dict(out["extra"])
-            extra[column] = value
-            out[column] = None
-    out["extra"] = extra if extra is not None else dict(out["extra"])
+    for column, kind in _INT_COLUMNS:
+        value = out[column]
+        if value is not None:
+            ok, converted = _coerce(kind, value)
+            if not ok:
+                extra[column] = value
+                converted = None
+            out[column] = converted
+    out["extra"] = extra
     return out
 
 

@@ -109,5 +109,5 @@ async def test_a_client_that_stops_reading_is_cut_off_and_others_are_not_delayed
     assert sorted(everything) == [(r["seq"], r["key"]) for r in feed]
     assert [s for s, _ in everything] == sorted(s for s, _ in everything)
     # ...and promptly, while the slow one was stuck and after it was cut
-    assert max(stuck) < 1.0, stuck
+    assert max(stuck) < 2.0, stuck
     assert statistics.median(stuck) < max(0.1, 3 * statistics.median(baseline)), (baseline, stuck)

@@ -9,7 +9,7 @@
 - ``rebuild``      drop everything and replay from seq 0 (`ledger rebuild`).
 """
 
-from ledger.projections.fold import Fold, fold_group, fold_task
+from ledger.projections.fold import Fold, fold_group, fold_task, fold_workers
 from ledger.projections.worker_state import worker_status
 
-__all__ = ["Fold", "fold_group", "fold_task", "worker_status"]
+__all__ = ["Fold", "fold_group", "fold_task", "fold_workers", "worker_status"]

@@ -31,7 +31,7 @@ from ledger.projections.task_state import (
 )
 from ledger.projections.worker_state import apply_worker_event, new_worker_row, sign_of_life, worker_row_out
 
-__all__ = ["Fold", "fold_group", "fold_task", "group_row_out", "name_row_out"]
+__all__ = ["Fold", "fold_group", "fold_task", "fold_workers", "group_row_out", "name_row_out"]
 
 GROUP_COLUMNS = ("group_id", "chord_id", "size", "states", "first_seen", "last_seen", "first_seq", "last_seq")
 NAME_COLUMNS = ("name", "tasks", "first_seen", "last_seen", "last_seq")

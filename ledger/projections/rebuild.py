@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import time
 from collections.abc import Callable
@@ -92,6 +93,25 @@ async def rebuild(
     """Rebuild every projection from the log. ``progress(position, last_seq, events)``
     is called after each batch, ``on_indexes()`` before the indexes are rebuilt."""
     dsn = settings.require_database()
+    # Hundreds of thousands of row dicts stay alive, none in a reference cycle: the cyclic
+    # GC would traverse them over and over (a third of the CPU time) for nothing.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return await _rebuild(dsn, settings, batch_size, cache_rows, progress, on_indexes)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+async def _rebuild(
+    dsn: str,
+    settings: Settings,
+    batch_size: int,
+    cache_rows: int,
+    progress: Callable[[int, int, int], None] | None,
+    on_indexes: Callable[[], None] | None,
+) -> RebuildResult:
     conn = await db.retry("connect to PostgreSQL", lambda: connect(dsn))
     reader = await db.retry("connect to PostgreSQL", lambda: connect(dsn))
     loader = await db.retry("connect to PostgreSQL", lambda: connect(dsn))

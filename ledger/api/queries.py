@@ -92,14 +92,21 @@ async def list_tasks(conn: asyncpg.Pool, q: TaskListQuery) -> tuple[list[dict[st
     p = Params()
     where = task_filter_sql(q, p)
     desc = q.order == "newest"
+    # A time window that ends (newest first) or starts (oldest first) away from the end the
+    # page starts at would make PostgreSQL walk the first_seq index through every task
+    # outside the window (it assumes matches are spread evenly). "first_seq + 0" hides that
+    # index, so the window's own index finds the rows and only they are sorted.
+    far_bound = "_before" if desc else "_after"
+    seq_expr = "first_seq + 0" if any(getattr(q, f) is not None for f, _, _ in _RANGES if f.endswith(far_bound)) \
+        else "first_seq"
     if q.cursor:
         seq, task_id = decode_cursor(q.cursor, q.order)
-        where.append(f"(first_seq, task_id) {'<' if desc else '>'} ({p(seq)}, {p(task_id)})")
+        where.append(f"({seq_expr}, task_id) {'<' if desc else '>'} ({p(seq)}, {p(task_id)})")
     direction = "DESC" if desc else "ASC"
     sql = (
         f"SELECT {TASK_COLUMNS} FROM ledger.tasks"
         + (" WHERE " + " AND ".join(where) if where else "")
-        + f" ORDER BY first_seq {direction}, task_id {direction} LIMIT {p(q.limit + 1)}"
+        + f" ORDER BY {seq_expr} {direction}, task_id {direction} LIMIT {p(q.limit + 1)}"
     )
     rows = [dict(r) for r in await conn.fetch(sql, *p.values)]
     next_cursor = None

@@ -91,7 +91,8 @@ async def rebuild(
     on_indexes: Callable[[], None] | None = None,
 ) -> RebuildResult:
     """Rebuild every projection from the log. ``progress(position, last_seq, events)``
-    is called after each batch, ``on_indexes()`` before the indexes are rebuilt."""
+    is called after each batch, ``on_indexes()`` before the change feed and indexes are
+    written."""
     dsn = settings.require_database()
     # Hundreds of thousands of row dicts stay alive, none in a reference cycle: the cyclic
     # GC would traverse them over and over (a third of the CPU time) for nothing.
@@ -115,6 +116,8 @@ async def _rebuild(
     conn = await db.retry("connect to PostgreSQL", lambda: connect(dsn))
     reader = await db.retry("connect to PostgreSQL", lambda: connect(dsn))
     loader = await db.retry("connect to PostgreSQL", lambda: connect(dsn))
+    for session in (conn, loader):  # index builds sort in memory rather than on disk
+        await session.execute("SET maintenance_work_mem = '256MB'")
     try:
         await lock.acquire(conn)
         started = time.monotonic()
@@ -132,10 +135,16 @@ async def _rebuild(
         events = await projector.drain(
             conn, reader, loader, None if progress is None else lambda position, done: progress(position, last_seq, done)
         )
-        await write_final_changes(conn)
         if on_indexes:
             on_indexes()
-        await restore_indexes(conn)
+
+        async def feed() -> None:  # the change feed, then its index
+            await write_final_changes(loader)
+            await restore_indexes(loader, "changes")
+
+        # Two tables, two sessions: PostgreSQL builds the task indexes and the feed at once.
+        await asyncio.gather(feed(), restore_indexes(conn, "tasks"))
+        await restore_indexes(conn)  # anything else a dead rebuild left dropped
         await lock.release(conn)
         return RebuildResult(events, projector.checkpoint, time.monotonic() - started)
     finally:
@@ -158,7 +167,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     def indexes() -> None:
         if bar is not None:
             bar.update(bar.total, bar.events, final=True)
-        print("rebuild: recreating indexes", file=sys.stderr, flush=True)
+        print("rebuild: writing the change feed and recreating indexes", file=sys.stderr, flush=True)
 
     show_progress = not getattr(args, "no_progress", False)
     if show_progress:

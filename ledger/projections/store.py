@@ -369,10 +369,15 @@ async def drop_secondary_indexes(conn: asyncpg.Connection) -> list[str]:
     return [r["indexname"] for r in indexes]
 
 
-async def restore_indexes(conn: asyncpg.Connection) -> list[str]:
-    """Recreate every index a rebuild dropped (also after a rebuild died half way)."""
+async def restore_indexes(conn: asyncpg.Connection, table: str | None = None) -> list[str]:
+    """Recreate every index a rebuild dropped (also after a rebuild died half way), or
+    only those on ``table``."""
     restored = []
-    for r in await conn.fetch("SELECT name, definition FROM ledger.rebuild_dropped_indexes ORDER BY name"):
+    for r in await conn.fetch(
+        "SELECT name, definition FROM ledger.rebuild_dropped_indexes"
+        " WHERE $1::text IS NULL OR definition LIKE '% ON ledger.' || $1::text || ' %' ORDER BY name",
+        table,
+    ):
         async with conn.transaction():
             exists = await conn.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = 'ledger' AND indexname = $1)", r["name"]

@@ -159,8 +159,12 @@ async def get_group(conn: asyncpg.Pool, group_id: str) -> dict[str, Any] | None:
 
 
 async def group_members(conn: asyncpg.Pool, group_id: str, columns: str = TASK_COLUMNS) -> list[dict[str, Any]]:
+    # Celery sends a chord's callback with its header's group id, but the callback is not a
+    # member (GroupResult.restore of the header does not list it): leave it out.
     rows = await conn.fetch(
-        f"SELECT {columns} FROM ledger.tasks WHERE group_id = $1 ORDER BY group_index NULLS LAST, first_seq",
+        f"SELECT {columns} FROM ledger.tasks WHERE group_id = $1"
+        " AND task_id IS DISTINCT FROM (SELECT chord_id FROM ledger.groups WHERE group_id = $1)"
+        " ORDER BY group_index NULLS LAST, first_seq",
         group_id,
     )
     return [dict(r) for r in rows]

@@ -53,4 +53,6 @@ async def group_as_of(conn: asyncpg.Pool, group_id: str, seq: int) -> tuple[dict
         members,
         seq,
     )
-    return fold_group(group_id, rows)
+    group, folded = fold_group(group_id, rows)
+    callback = (group or {}).get("chord_id")
+    return group, [m for m in folded if m["task_id"] != callback]  # not a member (see queries.group_members)

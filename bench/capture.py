@@ -150,13 +150,13 @@ def publish_redis(exchange: str, n_events: int, rate: float | None, result) -> N
     events_of = [len(orjson.loads(b)) if rk == "task.multi" else 1 for rk, b in messages]
     wire = [(f"/0.{exchange}/{rk}", kombu_envelope(b, rk, exchange)) for rk, b in messages]
     client = redis.Redis.from_url(REDIS_URL)
-    start = time.monotonic()
+    start, cpu0 = time.monotonic(), time.process_time()
     for chunk in _paced(wire, rate, events_of):
         pipe = client.pipeline(transaction=False)
         for channel, data in chunk:
             pipe.publish(channel, data)
         pipe.execute()
-    result.put((sum(events_of), len(messages), time.monotonic() - start))
+    result.put((sum(events_of), len(messages), time.monotonic() - start, time.process_time() - cpu0))
 
 
 def publish_amqp(exchange: str, n_events: int, rate: float | None, result) -> None:
@@ -173,13 +173,13 @@ def publish_amqp(exchange: str, n_events: int, rate: float | None, result) -> No
                            password=parts.password or "guest")
     conn.connect()
     channel = conn.channel()
-    start = time.monotonic()
+    start, cpu0 = time.monotonic(), time.process_time()
     for chunk in _paced(wire, rate, events_of):
         for rk, message in chunk:
             channel.basic_publish(message, exchange=exchange, routing_key=rk)
     elapsed = time.monotonic() - start
     conn.close()
-    result.put((sum(events_of), len(messages), elapsed))
+    result.put((sum(events_of), len(messages), elapsed, time.process_time() - cpu0))
 
 
 # --- capture process ----------------------------------------------------------------------
@@ -191,6 +191,19 @@ def cpu_seconds(pid: int) -> float:
     except FileNotFoundError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(name: str) -> list[int]:
+    """Local processes called ``name`` (the broker's server), to charge their CPU."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
 
 
 async def backend_pids(dsn: str) -> list[int]:
@@ -262,25 +275,28 @@ async def delete_queue(queue: str) -> None:
     await connection.close()
 
 
-async def scenario(broker: str, n_events: int, rate: float | None) -> dict:
+async def scenario(broker: str, n_events: int, rate: float | None, n_captures: int = 1) -> dict:
     dsn = await fresh_database()
     exchange = f"bench.{uuid.uuid4().hex[:8]}"
     queue = f"{exchange}.capture"
     url = REDIS_URL if broker == "redis" else AMQP_URL
-    capture = CaptureProc(url, exchange, queue)
+    captures = [CaptureProc(url, exchange, queue) for _ in range(n_captures)]
     try:
-        capture.wait_ready()
-        cpu0 = capture.cpu_seconds()
+        for capture in captures:
+            capture.wait_ready()
+        cpu0 = sum(c.cpu_seconds() for c in captures)
         for _ in range(200):  # capture's writer connects at start-up
-            if pg_pids := await backend_pids(dsn):
+            if len(pg_pids := await backend_pids(dsn)) >= n_captures:
                 break
             await asyncio.sleep(0.05)
         pg_cpu0 = sum(cpu_seconds(pid) for pid in pg_pids)
+        broker_pids = server_pids("redis-server" if broker == "redis" else "beam.smp")
+        broker_cpu0 = sum(cpu_seconds(pid) for pid in broker_pids)
         result: mp.Queue = mp.Queue()
         target = publish_redis if broker == "redis" else publish_amqp
         publisher = mp.Process(target=target, args=(exchange, n_events, rate, result))
         publisher.start()
-        published, n_messages, publish_s = await asyncio.to_thread(result.get)
+        published, n_messages, publish_s, publisher_cpu = await asyncio.to_thread(result.get)
         publisher.join()
         end_publish = time.time()
         conn = await asyncpg.connect(dsn)
@@ -299,30 +315,33 @@ async def scenario(broker: str, n_events: int, rate: float | None) -> dict:
             "extract(epoch FROM min(recorded_at)) AS first, extract(epoch FROM max(recorded_at)) AS last FROM ledger.events"
         )
         await conn.close()
-        rss = capture.peak_rss_mb()
-        cpu = capture.cpu_seconds() - cpu0
+        rss = max(c.peak_rss_mb() for c in captures)
+        cpu = sum(c.cpu_seconds() for c in captures) - cpu0
         pg_cpu = sum(cpu_seconds(pid) for pid in pg_pids) - pg_cpu0
+        broker_cpu = sum(cpu_seconds(pid) for pid in broker_pids) - broker_cpu0
     finally:
-        log = capture.stop()
+        log = "\n".join(c.stop() for c in captures)
         if broker == "amqp":
             await delete_queue(queue)
     span = float(row["last"] - row["first"]) if row["n"] > 1 else float("nan")
-    skipped = re.findall(r"(\d+) duplicate\(s\) skipped", log)
+    skipped = [int(n) for n in re.findall(r"(\d+) duplicate\(s\) skipped", log)]
     return {
         "broker": broker,
-        "kind": f"sustained {rate:,.0f}/s" if rate else "burst",
+        "kind": (f"sustained {rate:,.0f}/s" if rate else "burst") + (f", {n_captures} captures" if n_captures > 1 else ""),
         "published": published,
         "messages": n_messages,
         "publish_rate": published / publish_s,
         "stored": row["n"],
         "lost": published - row["n"],
         "duplicates": row["n"] - row["keys"],
-        "skipped": int(skipped[-1]) if skipped else 0,
+        "skipped": sum(skipped),
         "commit_rate": row["n"] / span if span else float("nan"),
         "lag_after_publish": float(row["last"]) - end_publish,
         "rss_mb": rss,
         "cpu_s": cpu,
         "pg_cpu_s": pg_cpu,
+        "broker_cpu_s": broker_cpu,
+        "publisher_cpu_s": publisher_cpu,
     }
 
 
@@ -331,14 +350,15 @@ def fmt(r: dict) -> str:
         f"| {r['broker']} | {r['kind']} | {r['published']:,} ({r['messages']:,} msgs) | {r['publish_rate']:,.0f} | "
         f"{r['commit_rate']:,.0f} | {r['lost']:,} | {r['duplicates']} ({r['skipped']} skipped) | "
         f"{r['lag_after_publish']:+.2f} s | {r['cpu_s'] / r['stored'] * 1e6:.0f} µs | "
-        f"{r['pg_cpu_s'] / r['stored'] * 1e6:.0f} µs | {r['rss_mb']:.0f} MB |"
+        f"{r['pg_cpu_s'] / r['stored'] * 1e6:.0f} µs | {r['broker_cpu_s'] / r['stored'] * 1e6:.0f} µs | "
+        f"{r['publisher_cpu_s'] / r['stored'] * 1e6:.0f} µs | {r['rss_mb']:.0f} MB |"
     )
 
 
 HEADER = (
     "| broker | scenario | events published | publish ev/s | committed ev/s | lost | duplicates stored | "
-    "last commit vs publish end | capture CPU/event | PostgreSQL CPU/event | capture peak RSS |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "last commit vs publish end | CPU/event: capture | PostgreSQL | broker | publisher | capture peak RSS |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -349,6 +369,7 @@ async def main() -> None:
     parser.add_argument("--amqp-rate", type=float, default=20000)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--burst", type=int, default=150_000)
+    parser.add_argument("--captures", type=int, default=1, help="capture processes to run side by side")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update bench/RESULTS.md")
     args = parser.parse_args()
     rows = []
@@ -356,7 +377,7 @@ async def main() -> None:
     for broker in args.brokers.split(","):
         rate = args.redis_rate if broker == "redis" else args.amqp_rate
         for n, r in ((int(rate * args.seconds), rate), (args.burst, None)):
-            result = await scenario(broker, n, r)
+            result = await scenario(broker, n, r, args.captures)
             rows.append(result)
             print(fmt(result), flush=True)
     body = (

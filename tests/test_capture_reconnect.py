@@ -111,3 +111,18 @@ async def test_rabbitmq_connection_closed_then_reconnected(database_url, amqp_ur
         assert await count_events(database_url) == 480
     finally:
         await delete_capture_queue(amqp_url, settings.capture_queue)
+
+
+async def test_rabbitmq_queue_deleted_under_capture_is_declared_again(database_url, amqp_url, event_exchange):
+    settings = capture_settings(database_url, amqp_url, event_exchange)
+    try:
+        async with running_capture(settings) as capture:
+            publish_stream(amqp_url, event_exchange, task_stream(240, prefix="before"))
+            await wait_for_events(database_url, 240)
+            await delete_capture_queue(amqp_url, settings.capture_queue)  # the broker cancels our consumer
+            await _until(lambda: capture.source.subscriptions >= 2, what="consuming again")
+            publish_stream(amqp_url, event_exchange, task_stream(240, prefix="after"))
+            assert await wait_for_events(database_url, 480) == 480
+        assert await count_events(database_url, "task_id LIKE 'after%'") == 240
+    finally:
+        await delete_capture_queue(amqp_url, settings.capture_queue)

@@ -61,6 +61,7 @@ class AmqpSource:
         self.connection: aiormq.abc.AbstractConnection | None = None
         self.channel: aiormq.abc.AbstractChannel | None = None
         self.consumer_tag: str | None = None
+        self._cancelled: asyncio.Future | None = None  # set per connection in _open
 
     def _on_message(self, message: DeliveredMessage) -> None:
         # Runs without awaiting: deliveries are decoded in delivery order, which is what
@@ -86,11 +87,11 @@ class AmqpSource:
                     self.subscriptions += 1
                     self.ready.set()
                     log.info("capture: consuming RabbitMQ queue %r bound to exchange %r with '#'", self.queue, self.exchange)
-                    closing = [self.connection.closing, self.channel.closing]  # type: ignore[union-attr]
+                    closing = [self.connection.closing, self.channel.closing, self._cancelled]  # type: ignore[union-attr,list-item]
                     await asyncio.wait([stop, *closing], return_when=asyncio.FIRST_COMPLETED)
                     for fut in closing:
                         if fut.done() and not fut.cancelled():
-                            log.warning("capture: RabbitMQ connection lost: %r", fut.exception())
+                            log.warning("capture: RabbitMQ connection lost: %r", fut.exception() or fut.result())
                         fut.cancel()
                 except Exception as exc:  # noqa: BLE001 - broker trouble: back off and reconnect
                     self.ready.clear()
@@ -115,6 +116,11 @@ class AmqpSource:
         self.channel = await self.connection.channel()
         await self.channel.basic_qos(prefetch_count=self.prefetch)
         await declare(self.channel, self.exchange, self.queue)
+        # The broker cancels the consumer if the queue is deleted: reconnect, which declares it again.
+        cancelled = self._cancelled = asyncio.get_running_loop().create_future()
+        self.channel.on_consumer_cancel_callbacks.add(
+            lambda frame: cancelled.done() or cancelled.set_result(f"consumer cancelled by the broker ({frame!r})")
+        )
         ok = await self.channel.basic_consume(self.queue, self._consume, no_ack=False)
         self.consumer_tag = ok.consumer_tag
 

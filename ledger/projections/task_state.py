@@ -120,19 +120,13 @@ TASK_COLUMNS: dict[str, str] = {
 
 LINEAGE = ("parent_id", "root_id", "group_id", "group_index", "chord_id")
 
-# What an event field does to the row: merge into its column, lineage (sticky), or nothing
-# (the envelope every event has). Any other field goes to ``extra``, including fields named
-# like the columns the fold itself owns (task_id, state, worker, client, extra, *_seq).
-_MERGE, _LINEAGE, _IGNORE = 0, 1, 2
-_FIELD_ACTION: dict[str, int] = {
-    **{
-        name: _MERGE
-        for name in TASK_COLUMNS
-        if name not in ("task_id", "state", "worker", "client", "extra", "first_seq", "last_seq", *LINEAGE)
-    },
-    **{name: _LINEAGE for name in LINEAGE},
-    **{name: _IGNORE for name in ("type", "uuid", "hostname", "utcoffset", "pid", "local_received")},
-}
+# What an event field does to the row: merged into its column, lineage (sticky), ignored
+# (the envelope every event has), or kept in ``extra`` - any other field, including fields
+# named like the columns the fold itself owns (task_id, state, worker, client, extra, *_seq).
+_OWNED = ("task_id", "state", "worker", "client", "extra", "first_seq", "last_seq")
+_MERGED = frozenset(c for c in TASK_COLUMNS if c not in _OWNED and c not in LINEAGE)
+_STICKY = frozenset(LINEAGE)
+_ENVELOPE = frozenset(("type", "uuid", "hostname", "utcoffset", "pid", "local_received"))
 
 _RETRY = states.RETRY
 _rank = _PRECEDENCE.get
@@ -148,11 +142,6 @@ def new_task_row(task_id: str, seq: int) -> dict[str, Any]:
     row["first_seq"] = seq
     row["last_seq"] = seq
     return row
-
-
-_MERGED = frozenset(k for k, what in _FIELD_ACTION.items() if what == _MERGE)
-_STICKY = frozenset(LINEAGE)
-_ENVELOPE = frozenset(k for k, what in _FIELD_ACTION.items() if what == _IGNORE)
 
 
 def _merge(row: dict[str, Any], fields: dict[str, Any], keep: frozenset[str] | None) -> None:

@@ -126,3 +126,22 @@ async def test_rabbitmq_queue_deleted_under_capture_is_declared_again(database_u
         assert await count_events(database_url, "task_id LIKE 'after%'") == 240
     finally:
         await delete_capture_queue(amqp_url, settings.capture_queue)
+
+
+async def test_quiet_redis_subscription_is_kept_alive_with_ping(database_url, redis_url, event_exchange, monkeypatch):
+    if not redis_url.startswith("redis://"):
+        pytest.skip("needs the machine's Redis over TCP")  # conftest's embedded fallback
+    from ledger.capture import redis_source
+
+    monkeypatch.setattr(redis_source, "PING_AFTER", 0.5)  # configuration, not a mock: ping sooner
+    client = redis.Redis.from_url(redis_url)
+
+    def last_command() -> str | None:
+        ours = [c for c in client.client_list(_type="pubsub") if c["name"] == client_name(event_exchange)]
+        return ours[0]["cmd"] if ours else None
+
+    async with running_capture(capture_settings(database_url, redis_url, event_exchange)) as capture:
+        await _until(lambda: last_command() == "ping", what="capture PINGs a quiet subscription")
+        publish_stream(redis_url, event_exchange, task_stream(48, prefix="alive"))
+        assert await wait_for_events(database_url, 48) == 48
+        assert capture.source.subscriptions == 1  # the same connection throughout

@@ -32,6 +32,8 @@ from ledger.db import Backoff
 
 log = logging.getLogger(__name__)
 
+PING_AFTER = 15.0  # seconds of silence before the reader PINGs Redis
+DEAD_AFTER = 15.0  # ...and how long it then waits for any reply before reconnecting
 _RESET = None  # marker in the chunk queue: the connection was lost, drop any partial frame
 _GLOB_SPECIAL = "\\*?[]"
 
@@ -168,13 +170,22 @@ class _ReaderThread(threading.Thread):
         log.info("capture: subscribed to Redis %s channels %s and %s", self.address.where(), pattern, plain)
         backoff.reset()
         recv, append, wake = sock.recv, self.chunks.append, self.wake
+        last_data = pinged = time.monotonic()
         while not self.stopping.is_set():
             try:
                 data = recv(4 << 20)
             except TimeoutError:
+                # A quiet channel or a dead link? PING when quiet; no answer at all -> reconnect.
+                now = time.monotonic()
+                if now - last_data > PING_AFTER and now - pinged > PING_AFTER:
+                    sock.sendall(_command("PING"))
+                    pinged = now
+                if now - last_data > PING_AFTER + DEAD_AFTER:
+                    raise ConnectionError(f"no reply from Redis for {now - last_data:.0f}s")
                 continue
             if not data:
                 raise ConnectionError("connection closed by Redis")
+            last_data = time.monotonic()
             self.bytes_read += len(data)
             append(data)
             wake()
@@ -361,5 +372,7 @@ class RedisSource:
         elif kind == b"subscribe":
             self.subscriptions += 1
             self.ready.set()  # both subscriptions are in place (SUBSCRIBE was sent second)
+        elif kind == b"pong":
+            pass  # the reader's keep-alive
         elif kind.startswith(b"-"):
             log.error("capture: Redis replied %s", kind.decode(errors="replace"))

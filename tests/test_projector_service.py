@@ -17,7 +17,7 @@ from celery.events.state import Worker
 from ledger import db
 from ledger.config import Settings
 from ledger.log import recorder
-from ledger.projections import worker_status
+from ledger.projections import store, worker_status
 from ledger.projections.projector import Projector
 from ledger.projections.store import read_checkpoint
 from tests.support.events import celery_event, task_events, to_log_event
@@ -119,7 +119,9 @@ async def test_reconnects_after_losing_its_database_session(database_url, conn):
     assert await conn.fetchval("SELECT count(*) FROM ledger.tasks WHERE state = 'SUCCESS'") == 2
 
 
-async def test_one_change_row_per_entity_per_batch_and_positions_only_grow(database_url, conn):
+@pytest.mark.parametrize("copy_threshold", [200, 1], ids=["one-statement", "copy-then-statement"])
+async def test_one_change_row_per_entity_per_batch_and_positions_only_grow(database_url, conn, monkeypatch, copy_threshold):
+    monkeypatch.setattr(store, "COPY_THRESHOLD", copy_threshold)  # both write paths
     settings = Settings(database_url=database_url, projector_batch_size=3)
     events = []
     for _ in range(4):
@@ -139,7 +141,8 @@ async def test_one_change_row_per_entity_per_batch_and_positions_only_grow(datab
     for row in rows:
         final[(row["kind"], row["key"])] = row["data"]
     for task in await conn.fetch("SELECT * FROM ledger.tasks"):
-        assert final[("task", task["task_id"])]["state"] == task["state"] == "SUCCESS"
+        assert final[("task", task["task_id"])] == dict(task)
+        assert task["state"] == "SUCCESS"
 
 
 async def test_worker_online_lost_offline_as_celery_computes(database_url, conn):

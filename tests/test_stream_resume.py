@@ -117,12 +117,16 @@ async def test_reconnecting_with_since_at_random_moments_loses_nothing_and_repea
 
         flaky_seen: list[dict[str, Any]] = []  # every message the flaky client processed, all connections
         since: dict[str, int | None] = {}
-        producer = asyncio.create_task(produce(conn, rng))
+        producer: asyncio.Task | None = None
         connections = 0
-        while not producer.done() or connections < 3:
+        while producer is None or not producer.done() or connections < 3:
             api = apis[connections % 2]
             async with StreamClient.connect(api, name=f"flaky-{connections}") as flaky:
                 await subscribe_all(flaky, since)
+                if producer is None:  # both clients start from the same (empty) snapshots
+                    for sub in SUBS:
+                        await flaky.live(sub)
+                    producer = asyncio.create_task(produce(conn, rng))
                 # cut the connection after a random number of messages (sometimes at once)
                 cut_after = rng.choice([0, rng.randint(1, 10), rng.randint(10, 60)])
                 try:

@@ -49,10 +49,11 @@ class Hub:
         self._cursor = {"changes": 0, "events": 0}
         self._index: dict[tuple[str, str | None], set[Subscription]] = defaultdict(set)
         self._log_subs = 0
+        self._events_end = 0  # the log's committed end, as far as we know
         self.waiters: dict[str, set[asyncio.Future[dict[str, Any]]]] = defaultdict(set)
         self.sessions: set[Any] = set()
         self._wake = asyncio.Event()
-        self._due = {"changes": True, "events": True}  # which feed a wake-up is for
+        self._due = {"changes": True, "events": True, "timer": True}  # what a wake-up is for
         self._listen: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -99,17 +100,18 @@ class Hub:
         self._listen = None
 
     def _wake_all(self) -> None:
-        self._due["changes"] = self._due["events"] = True
+        self._due["changes"] = self._due["events"] = self._due["timer"] = True
         self._wake.set()
 
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
         if channel == EVENTS_CHANNEL:
+            try:  # the recorder's payload: the last seq of a committed append
+                self._events_end = max(self._events_end, int(payload))
+            except ValueError:
+                pass
             if self._log_subs == 0:
-                # Nobody wants the raw log: follow its end from the payload, no query needed.
-                try:
-                    self._cursor["events"] = max(self._cursor["events"], int(payload))
-                except ValueError:
-                    pass
+                # Nobody wants the raw log: follow its end, no query needed.
+                self._cursor["events"] = max(self._cursor["events"], self._events_end)
                 return
             self._due["events"] = True
         else:
@@ -156,15 +158,26 @@ class Hub:
         if not self._due["events"]:
             return
         self._due["events"] = False
-        if self._log_subs:
-            while True:
-                rows, reached, more = await _read(
-                    conn, "events", self._cursor["events"], None, "TRUE", [], PUMP_BATCH)
-                self._dispatch_events(rows, reached)
-                if not more:
-                    break
-        else:
-            self._cursor["events"] = max(self._cursor["events"], await conn.fetchval(_MAX_SEQ["events"]))
+        if self._due["timer"] or not self._events_end:
+            self._due["timer"] = False
+            # a NOTIFY may have been lost: learn the end of the log from the table
+            self._events_end = max(self._events_end, await conn.fetchval(_MAX_SEQ["events"]))
+        if not self._log_subs:
+            self._cursor["events"] = max(self._cursor["events"], self._events_end)
+            return
+        # Read only the events some subscription wants (and only up to a known end, so the
+        # cursor passes the rows nobody wants).
+        p = Params()
+        for _ in range(3):
+            p(None)  # $1..$3 are _read's
+        where = _union_where(self._index.get(("log", None), ()), p)
+        upto = self._events_end
+        while True:
+            rows, reached, more = await _read(
+                conn, "events", self._cursor["events"], upto, where, p.values[3:], PUMP_BATCH)
+            self._dispatch_events(rows, reached if more else upto)
+            if not more:
+                break
 
     # --- dispatch (never awaits) -----------------------------------------------------------
 
@@ -258,6 +271,23 @@ class Hub:
             waiters.discard(fut)
             if not waiters:
                 del self.waiters[task_id]
+
+
+def _union_where(subs: Any, p: Params) -> str:
+    """A WHERE clause matching what any of these raw-log subscriptions wants."""
+    exact: set[str] = set()
+    prefixes: set[str] = set()
+    for sub in subs:
+        topic = sub.topic
+        if topic.everything:
+            return "TRUE"
+        exact |= topic.exact
+        prefixes.update(topic.prefixes)
+    if not exact and not prefixes:
+        return "FALSE"
+    clauses = [f"c.type = ANY({p(sorted(exact))}::text[])"] if exact else []
+    clauses += [f"starts_with(c.type, {p(prefix)})" for prefix in sorted(prefixes)]
+    return "(" + " OR ".join(clauses) + ")"
 
 
 async def _read(

@@ -111,7 +111,7 @@ class AmqpSource:
 
     async def _open(self) -> None:
         await self._drop()
-        # Named, so operators (and tests) can find it: rabbitmqctl list_connections user_provided_name
+        # Named, so operators (and tests) can find it: rabbitmqctl list_connections client_properties
         self.connection = await aiormq.connect(self.url, client_properties={"connection_name": f"ledger-capture:{self.queue}"})
         self.channel = await self.connection.channel()
         await self.channel.basic_qos(prefetch_count=self.prefetch)

@@ -398,6 +398,7 @@ async def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; do not update bench/RESULTS.md")
     args = parser.parse_args()
     rows = []
+    load_before = os.getloadavg()[0]
     print(HEADER)
     for broker in args.brokers.split(","):
         rate = args.redis_rate if broker == "redis" else args.amqp_rate
@@ -412,7 +413,8 @@ async def main() -> None:
     body = (
         "Publisher: a separate process sending real-format events (task-sent singles, task.multi lists of 24, "
         "worker heartbeats; 25% of events are single messages). Capture: `ledger capture` as its own process, "
-        "default settings (batches of 5000 / 20 ms), against the machine's PostgreSQL. Everything shares the 2 cores.\n\n"
+        "default settings (batches of 5000 / 20 ms), against the machine's PostgreSQL. Everything shares the 2 cores, "
+        f"with whatever else runs on the machine: 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.\n\n"
         + HEADER + "\n" + "\n".join(fmt(r) for r in rows) + "\n\n"
         "committed ev/s = stored / (last recorded_at - first recorded_at). A sustained run kept up if its last "
         "commit came within ~1 s of the publisher's end. Duplicates stored are always 0 (unique event_key); "

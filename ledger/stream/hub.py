@@ -58,7 +58,7 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.started = asyncio.Event()
-        self.dispatched = 0  # rows dispatched, for tests and metrics
+        self.dispatched = 0  # positions dispatched, for tests and metrics
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ Compared with polling: a client polling every second sees a change 500 ms later 
 
     python bench/push.py                         # 1,000 clients, 2,000 events/s, 15 s
     python bench/push.py --clients 200 --rate 500 --seconds 5 --no-write
+    BENCH_NO_DEFLATE=1 python bench/push.py      # clients without permessage-deflate
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ PG_ADMIN = os.environ.get("BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 DB_NAME = "ledger_bench_push"
 WORKER = "celery@bench-push"
+COMPRESSION = None if os.environ.get("BENCH_NO_DEFLATE") else "deflate"  # browsers ask for deflate
 
 
 # --- publisher process ------------------------------------------------------------------------
@@ -149,7 +151,8 @@ async def _clients(url: str, token: str, groups: list[int], ready, go, stop_at, 
     async def one(group: int) -> None:
         nonlocal n_live
         async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                                      open_timeout=120, ping_interval=None, max_queue=None) as ws:
+                                      open_timeout=120, ping_interval=None, max_queue=None,
+                                      compression=COMPRESSION) as ws:
             await ws.send(orjson.dumps({"type": "subscribe", "sub": "g", "topic": "group", "group_id": f"g-{group}"}).decode())
             if group == 0:  # one probe also follows the raw log: capture + hub, without the projector
                 await ws.send(orjson.dumps({"type": "subscribe", "sub": "log", "topic": "log", "types": ["task-started"]}).decode())

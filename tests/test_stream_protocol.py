@@ -238,3 +238,36 @@ async def test_wait_long_poll(database_url: str, conn: asyncpg.Connection) -> No
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0.01)  # watching in-process state another task changes
+
+
+async def test_a_chords_callback_is_not_pushed_as_a_member_of_its_header_group(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    group, callback, members = _id(), _id(), [_id(), _id()]
+    async with running_api(database_url, stream_heartbeat=HEARTBEAT) as api, StreamClient.connect(api) as c:
+        await c.subscribe("live", "group", group_id=group)
+        await c.live("live")
+        header = []
+        for i, m in enumerate(members):
+            events = lifecycle(m, group=(group, i))
+            for e in events:
+                e["chord_id"] = callback
+            header += events
+        await record(conn, header)
+        await project(database_url)
+        # Celery sends the callback with the header's group id and no index
+        cb_events = lifecycle(callback, name="tests.tsum")
+        for e in cb_events:
+            e["group_id"] = group
+        last = await record(conn, cb_events)
+        await project(database_url)
+        await c.subscribe("task", "task", task_id=callback)  # a barrier: the callback's change is out
+        await c.wait_for(lambda m: m["type"] == "snapshot" and m["sub"] == "task" and m["seq"] >= last)
+        await c.subscribe("resumed", "group", group_id=group, since=0)
+        await c.subscribe("snap", "group", group_id=group)
+        await c.live("resumed")
+        await c.live("snap")
+        for sub in ("live", "resumed"):
+            assert {key for _, _, key, _ in c.changes(sub)} == {group, *members}, sub
+        [snap] = [m for m in c.of("snap") if m["type"] == "snapshot"]
+        assert [i["key"] for i in snap["items"]] == [group, *members]

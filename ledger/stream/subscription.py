@@ -121,6 +121,7 @@ class Subscription:
                 snapshot=True)
         else:
             self.position = self.since
+            await self.topic.prepare(hub.pool)
         for _ in range(CATCH_UP_ROUNDS):
             target = hub.position(self.source)
             if self.position >= target:

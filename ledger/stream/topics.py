@@ -73,6 +73,9 @@ class Topic:
         """Pre-filter on ledger.changes (alias c) or ledger.events for catch-up."""
         raise NotImplementedError
 
+    async def prepare(self, conn: Any) -> None:
+        """Anything the topic must know before catching up with `since`."""
+
     async def snapshot(self, conn: asyncpg.Connection) -> list[dict[str, Any]]:
         """Current rows as change items; runs inside the snapshot transaction."""
         return []
@@ -95,26 +98,44 @@ class TaskTopic(Topic):
 
 
 class GroupTopic(Topic):
-    """The group's own row and every member task (group_id = this group)."""
+    """The group's own row and its member tasks. Celery sends a chord's callback with its
+    header's group id, but it is not a member (as GET /v1/groups/{id} and Celery's
+    GroupResult say): the callback is the group's chord_id, which the group row and every
+    header member's row carry, so it is known before the callback's first change."""
 
     def __init__(self, group_id: str) -> None:
         self.group_id = group_id
         self.index = ("group", group_id)
+        self.chord_id: str | None = None
 
     def accepts(self, change: Change) -> bool:
-        if change.kind == "task":
-            return change.data.get("group_id") == self.group_id
-        return change.kind == "group" and change.key == self.group_id
+        data = change.data
+        if change.kind == "group":
+            if change.key != self.group_id:
+                return False
+            self.chord_id = self.chord_id or data.get("chord_id")
+            return True
+        if change.kind != "task" or data.get("group_id") != self.group_id:
+            return False
+        self.chord_id = self.chord_id or data.get("chord_id")
+        return change.key != self.chord_id
 
     def where(self, p: Params) -> str:
         g = p(self.group_id)
         return f"((c.kind = 'group' AND c.key = {g}) OR (c.kind = 'task' AND c.data->>'group_id' = {g}))"
 
+    async def prepare(self, conn: Any) -> None:
+        self.chord_id = self.chord_id or await conn.fetchval(
+            "SELECT chord_id FROM ledger.groups WHERE group_id = $1", self.group_id)
+
     async def snapshot(self, conn: asyncpg.Connection) -> list[dict[str, Any]]:
         group = await conn.fetch("SELECT to_jsonb(g) AS data FROM ledger.groups g WHERE g.group_id = $1", self.group_id)
         members = await conn.fetch(
             "SELECT to_jsonb(t) AS data FROM ledger.tasks t WHERE t.group_id = $1"
+            " AND t.task_id IS DISTINCT FROM (SELECT chord_id FROM ledger.groups WHERE group_id = $1)"
             " ORDER BY t.group_index NULLS LAST, t.first_seq", self.group_id)
+        if group:
+            self.chord_id = self.chord_id or group[0]["data"].get("chord_id")
         return _items("group", "group_id", group) + _items("task", "task_id", members)
 
 

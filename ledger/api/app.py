@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -25,8 +24,6 @@ from ledger.api.auth import Authenticator
 from ledger.api.errors import EXCEPTION_HANDLERS
 from ledger.api.metrics import LedgerFigures, MetricsMiddleware, RequestMetrics
 from ledger.config import Settings
-
-log = logging.getLogger(__name__)
 
 
 def stream_extension() -> tuple[list[BaseRoute], Callable[[Starlette], Any] | None]:

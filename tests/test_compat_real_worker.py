@@ -74,3 +74,10 @@ async def test_compat_routes_match_celerys_result_backend(database_url: str, con
             info = (await http.get(f"/api/task/info/{task.id}")).json()
             assert info["state"] == task.state and info["name"] == task.name, task
             assert info["retries"] == task.retries, task
+        for group_id, members in workload.groups.items():
+            body = (await http.get(f"/v1/groups/{group_id}")).json()
+            assert [m["task_id"] for m in body["members"]] == members  # in group order, no chord callback
+            assert body["group"]["size"] == len(members) and body["group"]["states"] == {"SUCCESS": len(members)}
+        for callback, header in workload.chords.items():
+            tree = (await http.get(f"/v1/tasks/{workload.groups[header][0]}/tree")).json()
+            assert tree["chord"]["task_id"] == callback and tree["chord"]["state"] == "SUCCESS"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from starlette.requests import Request
@@ -125,6 +126,10 @@ async def get_group(request: Request, q: AsOfQuery) -> dict[str, Any]:
         group = {k: past.get(k) for k in group}
     else:
         members = await queries.group_members(db, group_id)
+    # size and states from the members listed (the projection also counts a chord's callback,
+    # which Celery sends with its header's group id but which is not a member)
+    group["size"] = len(members)
+    group["states"] = dict(Counter(m["state"] for m in members))
     return {"group": group, "members": members, "as_of_seq": seq}
 
 

@@ -78,6 +78,9 @@ async def test_compat_routes_match_celerys_result_backend(database_url: str, con
             body = (await http.get(f"/v1/groups/{group_id}")).json()
             assert [m["task_id"] for m in body["members"]] == members  # in group order, no chord callback
             assert body["group"]["size"] == len(members) and body["group"]["states"] == {"SUCCESS": len(members)}
+            # The stored projection row (what the change feed pushes) agrees: no chord callback.
+            stored = await conn.fetchrow("SELECT size, states FROM ledger.groups WHERE group_id = $1", group_id)
+            assert (stored["size"], stored["states"]) == (len(members), {"SUCCESS": len(members)})
         for callback, header in workload.chords.items():
             tree = (await http.get(f"/v1/tasks/{workload.groups[header][0]}/tree")).json()
             assert tree["chord"]["task_id"] == callback and tree["chord"]["state"] == "SUCCESS"

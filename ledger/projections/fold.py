@@ -190,25 +190,31 @@ class Fold:
         if group_id is None and old_group is None:
             return
         group_id, old_group, state = to_text(group_id), to_text(old_group), row["state"]
+        task_id = to_text(row["task_id"])
         if group_id != old_group and old_group is not None:
             left = self._group_row(old_group, seq)
-            left["size"] -= 1
-            _count(left["states"], old_state, -1)
+            if task_id != left["chord_id"]:
+                left["size"] -= 1
+                _count(left["states"], old_state, -1)
             left["last_seq"] = seq
             self.changed_groups[old_group] = seq
         if group_id is None:
             return
         group = self._group_row(group_id, seq)
-        if group_id != old_group:  # joins now, with whatever state it already has
+        chord_id = to_text(row["chord_id"])
+        if chord_id is not None:
+            group["chord_id"] = chord_id
+        # Celery sends a chord's callback with its header's group id, but it is not a member:
+        # the result backend's group holds the header tasks only (as /v1/groups lists them).
+        if task_id == group["chord_id"]:
+            pass
+        elif group_id != old_group:  # joins now, with whatever state it already has
             group["size"] += 1
             _count(group["states"], state, +1)
             _seen(group, to_float(row["timestamp"]))
         elif state != old_state:
             _count(group["states"], old_state, -1)
             _count(group["states"], state, +1)
-        chord_id = to_text(row["chord_id"])
-        if chord_id is not None:
-            group["chord_id"] = chord_id
         _seen(group, timestamp)
         group["last_seq"] = seq
         self.changed_groups[group_id] = seq
@@ -291,7 +297,12 @@ def fold_group(
     fold = Fold()
     fold.apply_records(events)
     group = fold.groups.get(group_id)
-    members = [task_row_out(row) for row in fold.tasks.values() if to_text(row["group_id"]) == group_id]
+    chord_id = group["chord_id"] if group is not None else None
+    members = [
+        task_row_out(row)
+        for row in fold.tasks.values()
+        if to_text(row["group_id"]) == group_id and to_text(row["task_id"]) != chord_id
+    ]
     members.sort(key=lambda r: (r["group_index"] is None, r["group_index"] or 0, r["task_id"]))
     return (group_row_out(group) if group is not None and group["size"] > 0 else None), members
 

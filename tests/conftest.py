@@ -12,7 +12,6 @@ exchange name, so tests never see each other's events or data.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import tempfile

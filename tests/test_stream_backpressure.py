@@ -4,7 +4,6 @@ change promptly."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import socket
 import statistics

@@ -1,3 +1,3 @@
 """Live push: a per-replica hub tails ledger.changes / ledger.events by position and fans
 out to websocket subscriptions (``/v1/stream``) and long polls (``/v1/tasks/{id}/wait``).
-The wire protocol is documented in PROTOCOL.md beside this file."""
+The wire protocol is documented in README.md ("Websocket protocol")."""

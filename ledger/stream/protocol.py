@@ -1,4 +1,4 @@
-"""Client -> server messages of ``/v1/stream`` (see PROTOCOL.md), validated with pydantic.
+"""Client -> server messages of ``/v1/stream`` (see README.md, "Websocket protocol"), validated with pydantic.
 
 Parsing never raises: a bad frame becomes a `ProtocolError` with a stable code and a
 detail naming the field, which the session sends back as an ``error`` message."""

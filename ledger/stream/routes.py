@@ -42,7 +42,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 async def stream(websocket: WebSocket) -> None:
-    """Live push: subscribe to a task, a group, a worker, all workers, a filtered task list or the raw log; resume with since (JSON protocol: ledger/stream/PROTOCOL.md)."""
+    """Live push: subscribe to a task, a group, a worker, all workers, a filtered task list or the raw log; resume with since (JSON protocol: README.md, "Websocket protocol")."""
     app = websocket.app
     settings = app.state.settings
     authenticator = getattr(app.state, "authenticator", None)

@@ -25,7 +25,7 @@ from ledger.stream.topics import topic_for
 
 log = logging.getLogger(__name__)
 
-# Close codes (4000-4999 are the application's): also listed in PROTOCOL.md.
+# Close codes (4000-4999 are the application's): also listed in README.md.
 CLOSE_SHUTDOWN = 1001
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403

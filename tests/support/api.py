@@ -26,8 +26,7 @@ from ledger.api.app import create_app
 from ledger.api.server import serve
 from ledger.api.tokens import create_token
 from ledger.config import Settings
-from ledger.log.recorder import append
-from tests.support.events import to_log_event
+from tests.support.events import project, record  # noqa: F401 - re-exported for tests
 
 
 @dataclass
@@ -93,19 +92,6 @@ async def api_server(database_url: str) -> AsyncIterator[ApiServer]:
 
 
 # --- data -------------------------------------------------------------------------------
-
-
-async def record(conn: asyncpg.Connection, payloads: Iterable[dict[str, Any]]) -> int | None:
-    """Append Celery event payloads to the log as capture would; returns the last seq."""
-    result = await append(conn, [to_log_event(p) for p in payloads], source="test")
-    return result.last_seq
-
-
-async def project(database_url: str) -> None:
-    """Fold every event not yet applied into the projection tables (the projector's catch-up)."""
-    from ledger.projections.projector import Projector
-
-    await Projector(Settings(database_url=database_url)).catch_up()
 
 
 async def record_and_project(conn: asyncpg.Connection, database_url: str, payloads: Iterable[dict[str, Any]]) -> int | None:

@@ -57,3 +57,19 @@ def to_log_event(payload: dict, routing_key: str | None = None) -> Event:
         routing_key=routing_key or payload["type"].replace("-", "."),
         payload_json=raw.decode(),
     )
+
+
+async def record(conn, payloads) -> int | None:
+    """Append Celery event payloads to the log as capture does; returns the last seq."""
+    from ledger.log.recorder import append
+
+    result = await append(conn, [to_log_event(p) for p in payloads], source="test")
+    return result.last_seq
+
+
+async def project(database_url: str) -> int:
+    """Apply every event in the log now (the projector's catch-up); returns the checkpoint."""
+    from ledger.config import Settings
+    from ledger.projections.projector import Projector
+
+    return await Projector(Settings(database_url=database_url)).catch_up()

@@ -22,10 +22,9 @@ import websockets
 
 from ledger import db
 from ledger.config import Settings
-from ledger.log.recorder import append
 from ledger.projections.projector import Projector
 from tests.support.api import ApiServer
-from tests.support.events import celery_event, task_events, to_log_event
+from tests.support.events import celery_event, project, record, task_events  # noqa: F401 - re-exported
 
 DEADLINE = 20.0
 
@@ -146,11 +145,6 @@ async def running_projector(database_url: str, **settings: Any) -> AsyncIterator
         await asyncio.wait_for(task, DEADLINE)
 
 
-async def project(database_url: str) -> int:
-    """Apply every event in the log now (the projector's catch-up); returns the checkpoint."""
-    return await Projector(Settings(database_url=database_url)).catch_up()
-
-
 async def changes_position(database_url: str) -> int:
     conn = await db.connect(database_url)
     try:
@@ -186,8 +180,3 @@ def worker_heartbeat(hostname: str = "celery@a", processed: int = 1) -> dict[str
                         sw_sys="Linux", active=0, processed=processed, loadavg=[0.1, 0.2, 0.3])
 
 
-async def record(conn: Any, payloads: list[dict[str, Any]]) -> int:
-    """Append events to the log as capture does; returns the last seq."""
-    result = await append(conn, [to_log_event(p) for p in payloads], source="test")
-    assert result.last_seq is not None
-    return result.last_seq

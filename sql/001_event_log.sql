@@ -30,7 +30,6 @@ CREATE TABLE ledger.events (
 
 CREATE INDEX events_task_id_seq ON ledger.events (task_id, seq) WHERE task_id IS NOT NULL;
 CREATE INDEX events_type_seq ON ledger.events (type, seq);
-CREATE INDEX events_hostname_seq ON ledger.events (hostname, seq);
 CREATE INDEX events_recorded_at_brin ON ledger.events USING brin (recorded_at);
 
 -- The database itself refuses to rewrite history.

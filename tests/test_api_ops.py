@@ -6,6 +6,8 @@ import re
 
 import asyncpg
 
+from ledger.log.recorder import Rejected, append
+
 from tests.support.api import (  # noqa: F401
     ApiServer, Loaded, api_server, loaded_api, project, record, running_api, sample_workload,
 )
@@ -74,8 +76,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 async def test_metrics(loaded_api: Loaded, conn: asyncpg.Connection) -> None:
     api = loaded_api.api
-    await conn.execute("INSERT INTO ledger.quarantine (quarantine_key, source, reason, raw) VALUES"
-                       " ('\\x01', 'test', 'not json', '\\x00')")
+    await append(conn, [], [Rejected("test", "task.multi", "not JSON", b"\x00")])
     async with api.client("read") as http:
         for _ in range(3):
             assert (await http.get(f"/v1/tasks/{loaded_api.ids.A}")).status_code == 200

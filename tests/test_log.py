@@ -48,6 +48,8 @@ async def test_redelivered_events_are_a_no_op(conn):
     assert (first.inserted, first.duplicates) == (4, 0)
     assert (again.inserted, again.duplicates) == (1, 3)
     assert await conn.fetchval("SELECT count(*) FROM ledger.events") == 5
+    # The running total /metrics reads counts each stored event once.
+    assert await conn.fetchval("SELECT events FROM ledger.log_counts") == 5
     # A duplicate inside one batch is also stored once.
     dup = to_log_event(celery_event("worker-heartbeat"))
     assert (await recorder.append(conn, [dup, dup])).inserted == 1
@@ -59,6 +61,7 @@ async def test_event_postgres_refuses_is_quarantined_and_the_rest_land(conn):
     result = await recorder.append(conn, [good[0], bad, *good[1:]])
     assert (result.inserted, result.quarantined) == (4, 1)
     row = await conn.fetchrow("SELECT reason, raw FROM ledger.quarantine")
+    assert tuple(await conn.fetchrow("SELECT events, quarantined FROM ledger.log_counts")) == (4, 1)
     assert "refused by PostgreSQL" in row["reason"]
     assert b"t-nul" in row["raw"]
 

@@ -66,8 +66,7 @@ class LedgerFigures:
             last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM ledger.events")
             return {
                 "last_seq": last_seq,
-                "events": await conn.fetchval("SELECT count(*) FROM ledger.events"),
-                "quarantined": await conn.fetchval("SELECT count(*) FROM ledger.quarantine"),
+                **dict(await conn.fetchrow("SELECT events, quarantined FROM ledger.log_counts")),
                 "checkpoints": {r["projection"]: r["seq"] for r in
                                 await conn.fetch("SELECT projection, seq FROM ledger.checkpoints")},
                 "tasks": {r["state"]: r["n"] for r in

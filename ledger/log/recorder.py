@@ -110,11 +110,15 @@ async def _insert_locked_count(conn: asyncpg.Connection, events: Sequence[Event]
     return row[0], row[1]
 
 
-async def insert_quarantine(conn: asyncpg.Connection, rejected: Sequence[Rejected]) -> None:
+_COUNT = "UPDATE ledger.log_counts SET events = events + $1, quarantined = quarantined + $2"
+
+
+async def insert_quarantine(conn: asyncpg.Connection, rejected: Sequence[Rejected]) -> int:
+    """Quarantine rejects (a redelivered one is skipped); returns how many went in."""
     if not rejected:
-        return
-    await conn.execute(
-        _INSERT_QUARANTINE,
+        return 0
+    return await conn.fetchval(
+        f"WITH ins AS ({_INSERT_QUARANTINE} RETURNING 1) SELECT count(*) FROM ins",
         [r.key for r in rejected],
         [r.source for r in rejected],
         [r.routing_key for r in rejected],
@@ -141,7 +145,9 @@ async def append(
     try:
         async with conn.transaction():
             inserted, last_seq = await _insert_locked_count(conn, events) if events else (0, None)
-            await insert_quarantine(conn, rejected)
+            quarantined = await insert_quarantine(conn, rejected)
+            if inserted or quarantined:
+                await conn.execute(_COUNT, inserted, quarantined)
             result.inserted, result.duplicates = inserted, len(events) - inserted
             result.quarantined, result.last_seq = len(rejected), last_seq
             if inserted:
@@ -164,7 +170,9 @@ async def append(
                 rejected.append(
                     Rejected(source, event.routing_key, f"refused by PostgreSQL: {exc}", event.payload_json.encode())
                 )
-        await insert_quarantine(conn, rejected)
+        quarantined = await insert_quarantine(conn, rejected)
+        if seqs or quarantined:
+            await conn.execute(_COUNT, len(seqs), quarantined)
         _finish(result, good, seqs, len(rejected))
         if seqs:
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(result.last_seq))

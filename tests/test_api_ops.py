@@ -7,9 +7,15 @@ import re
 import asyncpg
 
 from ledger.log.recorder import Rejected, append
-
 from tests.support.api import (  # noqa: F401
-    ApiServer, Loaded, api_server, loaded_api, project, record, running_api, sample_workload,
+    ApiServer,
+    Loaded,
+    api_server,
+    loaded_api,
+    project,
+    record,
+    running_api,
+    sample_workload,
 )
 
 

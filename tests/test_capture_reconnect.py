@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,7 @@ from tests.support.capture import (
     task_stream,
     wait_for_events,
 )
-
-
-async def _until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.02)  # polling state another task/thread changes
+from tests.support.waiting import wait_until
 
 
 def test_redis_url_spellings():
@@ -78,7 +70,7 @@ async def test_redis_connection_killed_then_resubscribed(database_url, redis_url
         ours = [c for c in client.client_list(_type="pubsub") if c["name"] == client_name(event_exchange)]
         assert len(ours) == 1
         assert client.client_kill_filter(_id=ours[0]["id"]) == 1
-        await _until(lambda: capture.source.subscriptions >= 2, what="resubscribed")
+        await wait_until(lambda: capture.source.subscriptions >= 2, what="resubscribed")
         publish_stream(redis_url, event_exchange, task_stream(240, prefix="after"))
         assert await wait_for_events(database_url, 480) == 480
     assert await count_events(database_url, "task_id LIKE 'after%'") == 240
@@ -106,7 +98,7 @@ async def test_rabbitmq_connection_closed_then_reconnected(database_url, amqp_ur
             )
             # published at once, maybe while capture is still reconnecting: the queue keeps it
             publish_stream(amqp_url, event_exchange, task_stream(240, prefix="after"))
-            await _until(lambda: capture.source.subscriptions >= 2, what="reconnected")
+            await wait_until(lambda: capture.source.subscriptions >= 2, what="reconnected")
             assert await wait_for_events(database_url, 480) == 480
         assert await count_events(database_url) == 480
     finally:
@@ -120,7 +112,7 @@ async def test_rabbitmq_queue_deleted_under_capture_is_declared_again(database_u
             publish_stream(amqp_url, event_exchange, task_stream(240, prefix="before"))
             await wait_for_events(database_url, 240)
             await delete_capture_queue(amqp_url, settings.capture_queue)  # the broker cancels our consumer
-            await _until(lambda: capture.source.subscriptions >= 2, what="consuming again")
+            await wait_until(lambda: capture.source.subscriptions >= 2, what="consuming again")
             publish_stream(amqp_url, event_exchange, task_stream(240, prefix="after"))
             assert await wait_for_events(database_url, 480) == 480
         assert await count_events(database_url, "task_id LIKE 'after%'") == 240
@@ -141,7 +133,7 @@ async def test_quiet_redis_subscription_is_kept_alive_with_ping(database_url, re
         return ours[0]["cmd"] if ours else None
 
     async with running_capture(capture_settings(database_url, redis_url, event_exchange)) as capture:
-        await _until(lambda: last_command() == "ping", what="capture PINGs a quiet subscription")
+        await wait_until(lambda: last_command() == "ping", what="capture PINGs a quiet subscription")
         publish_stream(redis_url, event_exchange, task_stream(48, prefix="alive"))
         assert await wait_for_events(database_url, 48) == 48
         assert capture.source.subscriptions == 1  # the same connection throughout

@@ -21,7 +21,12 @@ from celery.utils import get_full_cls_name
 from kombu.utils.encoding import safe_repr
 
 from tests.support.api import project, record, running_api
-from tests.support.worker import Workload, cleanup, run_workload_on_worker, workload_config
+from tests.support.worker import (
+    Workload,
+    cleanup,
+    run_workload_on_worker,
+    workload_config,
+)
 from tests.support.workload_app import make_app
 
 

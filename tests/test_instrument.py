@@ -12,8 +12,20 @@ from typing import Any
 import pytest
 from celery import Celery, chord, group, signals
 
-from ledger.celery import META_EVENT, LedgerRequestMixin, instrument, is_instrumented, signature_id
-from tests.support.worker import EventCollector, make_app, running_worker, wait_for, workload_config
+from ledger.celery import (
+    META_EVENT,
+    LedgerRequestMixin,
+    instrument,
+    is_instrumented,
+    signature_id,
+)
+from tests.support.worker import (
+    EventCollector,
+    make_app,
+    running_worker,
+    wait_for,
+    workload_config,
+)
 
 
 def _meta_receivers() -> int:

@@ -24,6 +24,7 @@ from tests.support.stream import (
     worker_online,
     ws_url,
 )
+from tests.support.waiting import wait_until
 
 HEARTBEAT = 0.5
 
@@ -218,7 +219,7 @@ async def test_wait_long_poll(database_url: str, conn: asyncpg.Connection) -> No
         assert r.status_code == 200 and r.json()["final"] is False and r.json()["task"]["state"] == "RECEIVED"
         # becomes final while waiting (and is unknown when the wait starts): answered when it happens
         waiting = asyncio.create_task(http.get(f"/v1/tasks/{failing}/wait", params={"timeout": 30}))
-        await asyncio.wait_for(_until(lambda: failing in api.app.state.stream_hub.waiters), 10)
+        await wait_until(lambda: failing in api.app.state.stream_hub.waiters, 10, "the long poll to register")
         assert not waiting.done()
         await record(conn, lifecycle(failing, fail=True))
         await project(database_url)
@@ -233,11 +234,6 @@ async def test_wait_long_poll(database_url: str, conn: asyncpg.Connection) -> No
             r = await http.get(f"/v1/tasks/{done}/wait", params={"timeout": bad})
             assert r.status_code == 422 and r.json()["field"] == "timeout", r.json()
         assert not api.app.state.stream_hub.waiters  # nothing left behind
-
-
-async def _until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)  # watching in-process state another task changes
 
 
 async def test_a_chords_callback_is_not_pushed_as_a_member_of_its_header_group(

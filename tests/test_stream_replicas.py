@@ -8,12 +8,15 @@ import asyncio
 import contextlib
 from typing import Any
 
-import asyncpg
-
 from tests.support.api import running_api
 from tests.support.capture import capture_settings, running_capture, wait_for_events
-from tests.support.stream import StreamClient, running_projector
-from tests.support.worker import backend_report, cleanup, run_workload_on_worker, workload_config
+from tests.support.stream import StreamClient, running_projector, settle
+from tests.support.worker import (
+    backend_report,
+    cleanup,
+    run_workload_on_worker,
+    workload_config,
+)
 
 
 def final_rows(client: StreamClient, sub: str) -> dict[str, dict[str, Any]]:
@@ -24,22 +27,6 @@ def final_rows(client: StreamClient, sub: str) -> dict[str, dict[str, Any]]:
             for c in m["changes"]:
                 rows[c["key"]] = c["data"]
     return rows
-
-
-async def settle(apis: list, database_url: str) -> int:
-    """Projector caught up with the log, and each replica's hub past the end of the feed."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        last_event = await conn.fetchval("SELECT max(seq) FROM ledger.events")
-        while await conn.fetchval("SELECT coalesce(min(seq), 0) FROM ledger.checkpoints") < last_event:
-            await asyncio.sleep(0.02)  # the projector (another task) is folding
-        end = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM ledger.changes")
-    finally:
-        await conn.close()
-    for api in apis:
-        while api.app.state.stream_hub.position() < end:
-            await asyncio.sleep(0.02)  # the replica's hub is reading the feed
-    return end
 
 
 async def test_two_replicas_push_the_same_changes_ending_in_the_backend_states(

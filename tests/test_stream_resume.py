@@ -6,8 +6,8 @@ never disconnected received: same changes, same order, nothing twice. STREAM_SEE
 from __future__ import annotations
 
 import asyncio
-import os
 import contextlib
+import os
 import random
 import uuid
 from typing import Any
@@ -17,10 +17,10 @@ import asyncpg
 from tests.support.api import running_api
 from tests.support.stream import (
     StreamClient,
-    changes_position,
     lifecycle,
     record,
     running_projector,
+    settle,
     worker_heartbeat,
     worker_online,
 )
@@ -80,22 +80,6 @@ async def produce(conn: asyncpg.Connection, rng: random.Random) -> None:
                 batch.append(worker_heartbeat(rng.choice(workers), processed=i))
             await record(conn, batch)
             await asyncio.sleep(rng.uniform(0, 0.004))  # pacing the producer, so the stream is continuous
-
-
-async def settle(apis: list, database_url: str, expected_events: int) -> int:
-    """Wait until the projector has applied every event and each replica's hub has dispatched
-    the end of the change feed; return that position."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        while await conn.fetchval("SELECT coalesce(min(seq), 0) FROM ledger.checkpoints") < expected_events:
-            await asyncio.sleep(0.02)  # another component (the projector) is catching up
-    finally:
-        await conn.close()
-    end = await changes_position(database_url)
-    for api in apis:
-        while api.app.state.stream_hub.position() < end:
-            await asyncio.sleep(0.02)  # the replica's hub is reading the feed
-    return end
 
 
 async def subscribe_all(client: StreamClient, since: dict[str, int | None]) -> None:

@@ -16,7 +16,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-from tests.support.capture import capture_settings, delete_capture_queue, running_capture
+from tests.support.capture import (
+    capture_settings,
+    delete_capture_queue,
+    running_capture,
+)
 from tests.support.worker import (
     Workload,
     cleanup,

@@ -187,7 +187,9 @@ async def wait_for_quarantine(database_url: str, n: int, timeout: float = 30.0) 
 
 
 def _exchange(conn: Connection, name: str):
-    from celery.events.event import get_exchange  # topic, or fanout on Redis: as Celery does
+    from celery.events.event import (
+        get_exchange,  # topic, or fanout on Redis: as Celery does
+    )
 
     return get_exchange(conn, name=name)
 

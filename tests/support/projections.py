@@ -3,9 +3,7 @@ own ``State`` as the reference, and reading projection tables back."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -14,6 +12,7 @@ from hypothesis import strategies as st
 
 from ledger.log import recorder
 from tests.support.events import to_log_event
+from tests.support.waiting import wait_until  # noqa: F401 - re-exported
 
 WORKERS = ("celery@alpha", "celery@beta")
 CLIENT = "client@app"
@@ -182,12 +181,3 @@ async def table_rows(conn: asyncpg.Connection, table: str, exclude: Sequence[str
         for column in exclude:
             row.pop(column, None)
     return rows
-
-
-async def wait_until(condition: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll an external condition with a deadline (for other processes)."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)

@@ -25,6 +25,7 @@ from ledger.config import Settings
 from ledger.projections.projector import Projector
 from tests.support.api import ApiServer
 from tests.support.events import celery_event, project, record, task_events  # noqa: F401 - re-exported
+from tests.support.waiting import wait_until
 
 DEADLINE = 20.0
 
@@ -143,6 +144,27 @@ async def running_projector(database_url: str, **settings: Any) -> AsyncIterator
     finally:
         stop.set()
         await asyncio.wait_for(task, DEADLINE)
+
+
+async def settle(apis: list[ApiServer], database_url: str, upto: int | None = None) -> int:
+    """Wait until the projector has applied the log up to ``upto`` (default: its end now) and
+    every replica's hub has dispatched the end of the change feed; return that position."""
+    conn = await db.connect(database_url)
+    try:
+        if upto is None:
+            upto = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM ledger.events")
+
+        async def projected() -> bool:
+            return await conn.fetchval("SELECT coalesce(min(seq), 0) FROM ledger.checkpoints") >= upto
+
+        await wait_until(projected, DEADLINE, f"the projector to apply the log up to {upto}")
+    finally:
+        await conn.close()
+    end = await changes_position(database_url)
+    for api in apis:
+        hub = api.app.state.stream_hub
+        await wait_until(lambda: hub.position() >= end, DEADLINE, f"a replica's hub to reach {end}")
+    return end
 
 
 async def changes_position(database_url: str) -> int:

@@ -56,7 +56,8 @@ CREATE INDEX tasks_worker_last_seq ON ledger.tasks (worker, last_seq);
 CREATE INDEX tasks_group ON ledger.tasks (group_id, group_index) WHERE group_id IS NOT NULL;
 CREATE INDEX tasks_root ON ledger.tasks (root_id) WHERE root_id IS NOT NULL;
 CREATE INDEX tasks_parent ON ledger.tasks (parent_id) WHERE parent_id IS NOT NULL;
-CREATE INDEX tasks_received ON ledger.tasks (received);
+-- INCLUDE: a time window's page is chosen from the index alone (see api/queries.list_tasks).
+CREATE INDEX tasks_received ON ledger.tasks (received) INCLUDE (first_seq, task_id);
 CREATE INDEX tasks_timestamp ON ledger.tasks ("timestamp");
 
 CREATE TABLE ledger.groups (

@@ -103,10 +103,17 @@ async def list_tasks(conn: asyncpg.Pool, q: TaskListQuery) -> tuple[list[dict[st
         seq, task_id = decode_cursor(q.cursor, q.order)
         where.append(f"({seq_expr}, task_id) {'<' if desc else '>'} ({p(seq)}, {p(task_id)})")
     direction = "DESC" if desc else "ASC"
-    sql = (
-        f"SELECT {TASK_COLUMNS} FROM ledger.tasks"
+    # Choose the page by key first, then read only its rows: a window of thousands of tasks
+    # is then sorted from an index (tasks_received includes the keys), not from wide rows.
+    page = (
+        "SELECT task_id, first_seq FROM ledger.tasks"
         + (" WHERE " + " AND ".join(where) if where else "")
         + f" ORDER BY {seq_expr} {direction}, task_id {direction} LIMIT {p(q.limit + 1)}"
+    )
+    columns = ", ".join(f"t.{c.strip()}" for c in TASK_COLUMNS.split(","))
+    sql = (
+        f"SELECT {columns} FROM ({page}) AS page JOIN ledger.tasks t USING (task_id)"
+        f" ORDER BY page.first_seq {direction}, t.task_id {direction}"
     )
     rows = [dict(r) for r in await conn.fetch(sql, *p.values)]
     next_cursor = None

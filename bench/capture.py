@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import itertools
 import multiprocessing as mp
 import os
@@ -44,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.results import write_section  # noqa: E402
 from ledger.migrate import apply_migrations  # noqa: E402
+from tests.support.capture import redis_envelope as kombu_envelope  # noqa: E402 - the one wire-format helper
 
 PG_ADMIN = os.environ.get("BENCH_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -100,22 +100,6 @@ def build_messages(n_events: int, seed: int = 1) -> list[tuple[str, bytes]]:
 
 def count_events(messages: list[tuple[str, bytes]]) -> int:
     return sum(len(orjson.loads(b)) if rk == "task.multi" else 1 for rk, b in messages)
-
-
-def kombu_envelope(body: bytes, routing_key: str, exchange: str) -> bytes:
-    return orjson.dumps({
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"hostname": "bench"},
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    })
 
 
 # --- publisher process --------------------------------------------------------------------

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ledger import db
 from ledger.config import Settings
 from ledger.embedded import EmbeddedServers
 from ledger.migrate import migrate
+from ledger.service import run_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             updates["broker_url"] = embedded.start_redis(Path(settings.data_dir))
         settings = settings.model_copy(update=updates)
 
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await run_all(settings, stop, embedded)
-
-        asyncio.run(main())
+        run_until_signalled(lambda stop: run_all(settings, stop, embedded))
         return 0
     except KeyboardInterrupt:
         return 130

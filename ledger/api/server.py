@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -15,6 +14,7 @@ from starlette.applications import Starlette
 
 from ledger.api.app import create_app
 from ledger.config import Settings
+from ledger.service import run_until_signalled
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -70,18 +70,5 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     """`ledger serve`: serve until SIGINT or SIGTERM, finish in-flight requests, exit 0."""
     settings.require_database()
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    try:
-        import uvloop  # what uvicorn would pick itself (uvicorn[standard]); the API is faster on it
-    except ImportError:
-        asyncio.run(main())
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
+    run_until_signalled(lambda stop: serve(settings, stop))
     return 0

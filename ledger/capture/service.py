@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import time
 from urllib.parse import urlsplit
 
@@ -21,6 +20,7 @@ from ledger.capture.decode import Decoder
 from ledger.capture.enable_events import EnableEventsBroadcaster
 from ledger.capture.redis_source import RedisSource
 from ledger.config import Settings
+from ledger.service import run_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +136,5 @@ def run(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """CLI entry: capture until SIGTERM or SIGINT, then flush and exit 0."""
     capture = Capture(settings)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await capture.run(stop)
-
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
+    run_until_signalled(capture.run)
     return 0

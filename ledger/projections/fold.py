@@ -29,7 +29,13 @@ from ledger.projections.task_state import (
     to_float,
     to_text,
 )
-from ledger.projections.worker_state import apply_worker_event, new_worker_row, sign_of_life, worker_row_out
+from ledger.projections.worker_state import (
+    apply_worker_event,
+    new_worker_row,
+    note_seen,
+    sign_of_life,
+    worker_row_out,
+)
 
 __all__ = ["Fold", "fold_group", "fold_task", "fold_workers", "group_row_out", "name_row_out"]
 
@@ -54,15 +60,6 @@ def new_name_row(name: str, seq: int) -> dict[str, Any]:
     return {"name": name, "tasks": 0, "first_seen": None, "last_seen": None, "last_seq": seq}
 
 
-def _seen(row: dict[str, Any], timestamp: float | None) -> None:
-    if timestamp is None:
-        return
-    first = row["first_seen"]
-    if first is None or timestamp < first:
-        row["first_seen"] = timestamp
-    last = row["last_seen"]
-    if last is None or timestamp > last:
-        row["last_seen"] = timestamp
 
 
 def _count(counts: dict[str, int], key: str, delta: int) -> None:
@@ -183,7 +180,7 @@ class Fold:
                 if name != old_name:
                     named["tasks"] += 1
                 if timestamp is not None:
-                    _seen(named, timestamp)
+                    note_seen(named, timestamp)
                 named["last_seq"] = seq
                 self.changed_names[name] = seq
         group_id = row["group_id"]
@@ -211,11 +208,11 @@ class Fold:
         elif group_id != old_group:  # joins now, with whatever state it already has
             group["size"] += 1
             _count(group["states"], state, +1)
-            _seen(group, to_float(row["timestamp"]))
+            note_seen(group, to_float(row["timestamp"]))
         elif state != old_state:
             _count(group["states"], old_state, -1)
             _count(group["states"], state, +1)
-        _seen(group, timestamp)
+        note_seen(group, timestamp)
         group["last_seq"] = seq
         self.changed_groups[group_id] = seq
 

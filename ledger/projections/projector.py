@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
 
@@ -41,6 +40,7 @@ from ledger.projections.store import (
     read_events,
     restore_indexes,
 )
+from ledger.service import run_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +235,5 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     """`ledger projector`: run until SIGINT/SIGTERM."""
     settings.require_database()
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await Projector(settings).run(stop)
-
-    asyncio.run(main())
+    run_until_signalled(Projector(settings).run)
     return 0

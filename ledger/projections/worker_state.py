@@ -58,7 +58,8 @@ def new_worker_row(hostname: str, seq: int) -> dict[str, Any]:
     return row
 
 
-def _seen(row: dict[str, Any], timestamp: float | None) -> None:
+def note_seen(row: dict[str, Any], timestamp: float | None) -> None:
+    """Widen a row's first_seen/last_seen to include `timestamp` (workers, groups, task names)."""
     if timestamp is None:
         return
     first = row["first_seen"]
@@ -81,7 +82,7 @@ def sign_of_life(row: dict[str, Any], timestamp: float | None, recorded_at: floa
         last = row["last_heartbeat"]
         if last is None or recorded_at > last:
             row["last_heartbeat"] = recorded_at
-    _seen(row, timestamp)
+    note_seen(row, timestamp)
     row["last_seq"] = seq
 
 
@@ -96,12 +97,12 @@ def apply_worker_event(
     if subject == "offline":
         row["offline_at"] = timestamp if timestamp is not None else recorded_at
         row["last_heartbeat"] = None  # Celery clears the heartbeats
-        _seen(row, timestamp)
+        note_seen(row, timestamp)
         row["last_seq"] = seq
     elif subject in ("online", "heartbeat"):
         sign_of_life(row, timestamp, recorded_at, seq)
     else:  # worker-elect and friends: fields only
-        _seen(row, timestamp)
+        note_seen(row, timestamp)
         row["last_seq"] = seq
 
 

@@ -128,8 +128,42 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def event_exchange() -> str:
-    """A private event exchange per test, so concurrent tests never see each other's events."""
-    return f"celeryev.test.{uuid.uuid4().hex[:10]}"
+def event_exchange() -> Iterator[str]:
+    """A private event exchange per test, so concurrent tests never see each other's events.
+    Afterwards the broker objects named after it (the exchange, the test's task queue, capture
+    queue and control exchanges) are deleted: tests leave nothing behind on the brokers."""
+    name = f"celeryev.test.{uuid.uuid4().hex[:10]}"
+    yield name
+    _forget_broker_objects(name)
+
+
+def _forget_broker_objects(exchange: str) -> None:
+    if _port_open("127.0.0.1", 5672):
+        from kombu import Connection
+
+        queues = [f"{exchange}.tasks", f"{exchange}.capture"]
+        exchanges = [exchange, f"{exchange}.tasks", f"{exchange}.control.pidbox", f"reply.{exchange}.control.pidbox"]
+        with Connection(os.environ.get("LEDGER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")) as conn:
+            for kind, names in (("queue", queues), ("exchange", exchanges)):
+                for name in names:
+                    channel = conn.channel()  # a failed delete closes its channel
+                    try:
+                        getattr(channel, f"{kind}_delete")(name)
+                    except Exception:  # noqa: BLE001 - not there: nothing to forget
+                        pass
+                    finally:
+                        try:
+                            channel.close()
+                        except Exception:  # noqa: BLE001
+                            pass
+    if _port_open("127.0.0.1", 6379):
+        import redis
+
+        for db in (0, 1):
+            client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+            keys = list(client.scan_iter(match=f"*{exchange}*", count=1000))
+            if keys:
+                client.delete(*keys)
+            client.close()
 
 

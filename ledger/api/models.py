@@ -252,6 +252,14 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class CaptureState(BaseModel):
+    capture_id: str = Field(description="host:pid of the capture process.")
+    broker: str
+    connected: bool = Field(description="Subscribed (Redis) or consuming (RabbitMQ) at its last report.")
+    stored: int = Field(description="Events this capture process has stored.")
+    seconds_since_report: float
+
+
 class Readiness(BaseModel):
     ready: bool
     database: bool
@@ -259,6 +267,8 @@ class Readiness(BaseModel):
     checkpoint_seq: int | None
     lag: int | None
     max_lag: int
+    captures: list[CaptureState] = Field(default_factory=list,
+                                         description="Capture processes that reported in the last hour.")
     reason: str | None
 
 

@@ -19,6 +19,7 @@ from ledger.capture.batch import Batcher, Stats, Writer
 from ledger.capture.decode import Decoder
 from ledger.capture.enable_events import EnableEventsBroadcaster
 from ledger.capture.redis_source import RedisSource
+from ledger.capture.status import StatusReporter
 from ledger.config import Settings
 from ledger.service import run_until_signalled
 
@@ -80,6 +81,9 @@ class Capture:
         writer = asyncio.create_task(self._write_loop(flushing, give_up), name="ledger-capture-writer")
         writer.add_done_callback(lambda t: t.cancelled() or t.exception() is None or stop.set())
         reporter = asyncio.create_task(self._report(), name="ledger-capture-stats")
+        status = StatusReporter(self.settings.require_database(), self.broker_url,
+                                lambda: self.ready.is_set(), lambda: self.stats.inserted)
+        status_task = asyncio.create_task(status.run(), name="ledger-capture-status")
         broadcaster = None
         if self.settings.enable_events_interval > 0:
             broadcaster = EnableEventsBroadcaster(self.broker_url, self.settings.enable_events_interval)
@@ -101,6 +105,8 @@ class Capture:
                 await writer
             finally:
                 reporter.cancel()
+                status_task.cancel()
+                await asyncio.gather(status_task, return_exceptions=True)
                 if broadcaster is not None:
                     broadcaster.stop()
                 await self.source.close() if isinstance(self.source, AmqpSource) else None

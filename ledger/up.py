@@ -65,7 +65,8 @@ def banner(settings: Settings, embedded: EmbeddedServers, token: str) -> str:
     )
 
 
-async def run_all(settings: Settings, stop: asyncio.Event, embedded: EmbeddedServers) -> None:
+async def run_all(settings: Settings, stop: asyncio.Event, embedded: EmbeddedServers) -> bool:
+    """Run every part until `stop`; False if a part stopped with an error (and so stopped all)."""
     from ledger.api.server import serve
     from ledger.capture.service import Capture
     from ledger.projections.projector import Projector
@@ -80,12 +81,13 @@ async def run_all(settings: Settings, stop: asyncio.Event, embedded: EmbeddedSer
     }
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([waiter, *parts.values()], return_when=asyncio.FIRST_COMPLETED)
-    for name, task in parts.items():
-        if task in done and task.exception() is not None:
-            log.error("%s stopped with an error", name, exc_info=task.exception())
+    failed = [name for name, task in parts.items() if task in done and task.exception() is not None]
+    for name in failed:
+        log.error("%s stopped with an error; stopping everything", name, exc_info=parts[name].exception())
     stop.set()
     await asyncio.gather(*parts.values(), return_exceptions=True)
     waiter.cancel()
+    return not failed
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -100,8 +102,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             updates["broker_url"] = embedded.start_redis(Path(settings.data_dir))
         settings = settings.model_copy(update=updates)
 
-        run_until_signalled(lambda stop: run_all(settings, stop, embedded))
-        return 0
+        outcome: list[bool] = []
+
+        async def main(stop: asyncio.Event) -> None:
+            outcome.append(await run_all(settings, stop, embedded))
+
+        run_until_signalled(main)
+        return 0 if all(outcome) else 1
     except KeyboardInterrupt:
         return 130
     finally:

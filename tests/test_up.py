@@ -101,3 +101,19 @@ async def test_ledger_up_runs_everything_on_embedded_defaults():
             up.process.kill()
             up.process.wait(10)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_ledger_up_stops_everything_and_fails_when_its_port_is_taken():
+    data_dir = tempfile.mkdtemp(prefix="lup-")
+    taken = free_socket()  # held open and listening: the web server cannot bind it
+    up = LedgerUp(data_dir, taken.getsockname()[1])
+    try:
+        line = up.read_until(lambda line: "could not start" in line, timeout=120)
+        assert f"127.0.0.1:{taken.getsockname()[1]}" in line
+        assert await asyncio.to_thread(up.process.wait, 60) == 1  # capture and projector stopped too
+    finally:
+        taken.close()
+        if up.process.poll() is None:
+            up.process.kill()
+            up.process.wait(10)
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -47,7 +47,16 @@ async def serve(
 ) -> None:
     """Serve until `stop` is set, then shut down gracefully. `started` is set once listening."""
     server = _EmbeddedServer(_config(app or create_app(settings), settings))
-    serving = asyncio.create_task(server.serve(sockets=list(sockets) if sockets else None))
+
+    async def run_server() -> None:
+        try:
+            await server.serve(sockets=list(sockets) if sockets else None)
+        except SystemExit:
+            # uvicorn exits the process when it cannot bind; in `ledger up` the other parts
+            # must stop cleanly instead, so it becomes an ordinary error here.
+            raise RuntimeError(f"the web server could not start on {settings.host}:{settings.port}") from None
+
+    serving = asyncio.create_task(run_server())
     stopping = asyncio.create_task(stop.wait())
     try:
         while not server.started:

@@ -43,6 +43,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.capture import cpu_seconds  # noqa: E402 - one /proc reader for both benches
 from bench.results import write_section  # noqa: E402
 from ledger.api.tokens import create_token  # noqa: E402
 from ledger.migrate import apply_migrations  # noqa: E402
@@ -209,15 +210,6 @@ def wait_log(proc: subprocess.Popen, path: Path, pattern: str, timeout: float = 
             raise RuntimeError(f"{proc.args} exited:\n{text}")
         time.sleep(0.05)  # polling another process's log
     raise TimeoutError(path.read_text(errors="replace"))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a local process has used so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import random
 import statistics
@@ -25,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
-import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,6 +32,7 @@ from ledger import db  # noqa: E402
 from ledger.config import Settings  # noqa: E402
 from ledger.log import recorder  # noqa: E402
 from ledger.migrate import apply_migrations  # noqa: E402
+from tests.support.events import to_log_event  # noqa: E402 - events made as the tests make them
 from ledger.projections.rebuild import rebuild  # noqa: E402
 
 WORKERS = [f"celery@worker{i}" for i in range(4)]
@@ -101,17 +100,7 @@ def synthetic_events(n: int, seed: int = 7) -> Iterator[dict]:
 
 
 def to_event(payload: dict) -> recorder.Event:
-    raw = orjson.dumps(payload)
-    return recorder.Event(
-        key=hashlib.blake2b(raw, digest_size=16).digest(),
-        type=payload["type"],
-        task_id=payload.get("uuid"),
-        hostname=payload.get("hostname"),
-        sent_at=payload.get("timestamp"),
-        clock=payload.get("clock"),
-        routing_key="task.multi",
-        payload_json=raw.decode(),
-    )
+    return to_log_event(payload, routing_key="task.multi")
 
 
 async def load(dsn: str, n: int) -> float:
